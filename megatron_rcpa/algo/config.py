@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
@@ -162,20 +163,25 @@ class RCPAConfig:
 
 
 def _from_dict(cls, d: Mapping[str, Any], where: str):
+    """Build dataclass ``cls`` from a nested mapping; nested dataclass fields recurse. Errors name the
+    dotted key (``where.key``) and list the known keys."""
     if not isinstance(d, Mapping):
         raise ValueError(f"{where}: expected a mapping, got {type(d).__name__} {d!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in d.items():
         if key not in fields:
             raise ValueError(f"{where}: unknown key {key!r}; known keys: {', '.join(sorted(fields))}")
-        sub = _NESTED.get((cls, key))
-        kwargs[key] = _from_dict(sub, value, f"{where}.{key}") if sub is not None else value
-    return cls(**kwargs)
+        sub = hints.get(key)
+        if dataclasses.is_dataclass(sub) and isinstance(sub, type):
+            kwargs[key] = _from_dict(sub, value, f"{where}.{key}")
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # name the dotted section too: "config.rcpa.curriculum: CurriculumConfig.rho_max = 2 ..."
+        raise ValueError(f"{where}: {e}") from None
 
 
-_NESTED = {
-    (RCPAConfig, "advantage"): AdvantageConfig,
-    (RCPAConfig, "loss"): LossConfig,
-    (RCPAConfig, "curriculum"): CurriculumConfig,
-}
+from_dict = _from_dict

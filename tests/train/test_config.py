@@ -1,0 +1,48 @@
+"""rcpa-train configuration: YAML + key=value overrides, every default listed, errors that name the key."""
+
+import pytest
+
+from megatron_rcpa.train.config import TrainConfig, describe_options, load_config, parse_overrides
+
+
+def test_yaml_plus_overrides(tmp_path):
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("run:\n  steps: 7\n  name: demo\nrcpa:\n  group_size: 4\n  loss:\n    beta: 0.02\n")
+    c = load_config(str(cfg), ["run.steps=3", "rcpa.curriculum.gamma=2", 'rollout.stop=["</s>", "\\n\\n"]'])
+    assert (c.run.steps, c.run.name, c.rcpa.group_size, c.rcpa.loss.beta) == (3, "demo", 4, 0.02)
+    assert c.rcpa.curriculum.gamma == 2 and c.rollout.stop == ["</s>", "\n\n"]
+    assert c.rcpa.loss.eps_high == 0.28  # untouched defaults survive the merge
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["run.stepz=3"], "x.yaml.run: unknown key 'stepz'; known keys: log_interval"),
+    (["rcpa.curriculum.rho_max=2"], "x.yaml.rcpa.curriculum: CurriculumConfig.rho_max = 2 is out of range"),
+    (["parallel.tp=0"], "x.yaml.parallel: parallel.tp = 0 is out of range: expected an integer >= 1"),
+    (["run=3"], "x.yaml.run: expected a mapping, got int 3"),
+    (["steps"], "override 'steps': expected key=value"),
+    (["optim.lr_schedule=wsd"], "optim.lr_schedule = 'wsd' is out of range: expected one of 'constant'"),
+])
+def test_bad_keys_and_values_are_named(tmp_path, overrides, message):
+    cfg = tmp_path / "x.yaml"
+    cfg.write_text("{}\n")
+    with pytest.raises(ValueError) as e:
+        load_config(str(cfg), overrides)
+    assert message in str(e.value)
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [1,\n")
+    with pytest.raises(ValueError, match="bad.yaml' is not valid YAML"):
+        load_config(str(bad))
+
+
+def test_every_option_is_described_with_its_default():
+    text = describe_options()
+    for line in ["run.steps = 100", "rcpa.group_size = 8", "rcpa.curriculum.rho_max = 0.9",
+                 "rcpa.loss.eps_high = 0.28", "rcpa.advantage.estimator = 'grpo'", "parallel.tp = 1"]:
+        assert line in text
+    assert parse_overrides(["a.b.c=1", "a.b.d=x"]) == {"a": {"b": {"c": 1, "d": "x"}}}
+    assert TrainConfig().rcpa.curriculum.f_high == 0.6
