@@ -32,6 +32,8 @@ setup(
         "safetensors",
         "transformers>=4.56",
         "einops",
+        "pillow",
+        "pyarrow",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6.100", "ruff>=0.5"],

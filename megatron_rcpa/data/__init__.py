@@ -1,0 +1,36 @@
+"""RCPA data: samples, readers (JSONL / parquet / HF ``save_to_disk``), a resumable DP-sharded prompt sampler,
+synthetic verifiable domains (counting, geometry) and prompt formatting."""
+
+from .prompt import IMAGE_PLACEHOLDERS, build_messages, build_prompt, fallback_prompt, image_placeholder_for
+from .readers import (
+    FORMATS,
+    DataFileError,
+    ImageSource,
+    ReaderConfig,
+    SampleDataset,
+    SampleLoadError,
+    detect_format,
+    hf_disk_files,
+    image_to_png_bytes,
+    load_image,
+    load_samples,
+    samples_from_rows,
+)
+from .sample import SKIP_REASONS, DataStats, Sample
+from .sampler import PromptSampler
+from .synthetic import (
+    GEOMETRY_TASKS,
+    SYNTHETIC_KINDS,
+    make_synthetic_dataset,
+    make_synthetic_sample,
+    write_synthetic_jsonl,
+)
+
+__all__ = [
+    "IMAGE_PLACEHOLDERS", "build_messages", "build_prompt", "fallback_prompt", "image_placeholder_for", "FORMATS",
+    "DataFileError", "ImageSource", "ReaderConfig", "SampleDataset", "SampleLoadError", "detect_format",
+    "hf_disk_files",
+    "image_to_png_bytes", "load_image", "load_samples", "samples_from_rows", "SKIP_REASONS", "DataStats", "Sample",
+    "PromptSampler", "GEOMETRY_TASKS", "SYNTHETIC_KINDS", "make_synthetic_dataset", "make_synthetic_sample",
+    "write_synthetic_jsonl",
+]

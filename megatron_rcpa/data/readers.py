@@ -1,0 +1,577 @@
+"""Readers: JSONL (or a JSON array), parquet, and a directory saved by HF ``datasets`` (``save_to_disk``).
+
+Every format yields rows (dicts) that become :class:`~.sample.Sample` s the same way:
+
+- ``prompt`` (field name ``ReaderConfig.prompt_field``): non-empty text, else the row is skipped as
+  ``empty_prompt``.
+- ``reference`` (``reference_field``): text (numbers are turned into text); a list of texts keeps the first as
+  ``reference`` and all in ``meta["all_references"]``. Missing/empty is ``None``, or a skipped
+  ``missing_reference`` row when ``require_reference``.
+- images: the field ``image_field`` when set, else ``images`` (when present and not null), else ``image``;
+  one value or a list. A value is
+  a path (relative to the data file's folder, or absolute), raw bytes, ``{"bytes": ..., "path": ...}`` (how HF
+  ``datasets`` stores an ``Image`` feature; bytes win), a base64 string or a ``data:image/...;base64,`` URI.
+  A path that does not exist is ``missing_image``; something PIL cannot open is ``unreadable_image``. A row
+  without images is kept unless ``require_images``.
+- ``id`` (``id_field``): the row's id when present, else ``<file name>:<n>`` with n the 1-based line
+  number for JSONL and the 0-based row number for parquet / arrow. A repeated id is ``duplicate_id``.
+- every other field goes to ``meta`` (a ``meta`` dict field is merged into it; binary values are dropped).
+
+Bad rows are skipped and counted per reason in :class:`~.sample.DataStats` (never fatal); a data file that is
+missing or cannot be read at all raises an error naming it.
+
+Images are checked when the data is read (``verify_images="header"``: PIL opens and verifies the file without
+decoding the pixels, which catches missing files, bad headers and PNG checksum errors; ``"full"`` decodes them;
+``"none"`` only checks that paths exist) and decoded when a sample is accessed (``SampleDataset[i]``),
+converted to ``image_mode`` ("RGB"; None keeps the file's mode); ``preload=True`` decodes them all at read time
+and keeps them in memory. An image that passed the header check but cannot be decoded (e.g. a truncated JPEG)
+raises :class:`SampleLoadError` on access and is counted then as ``unreadable_image``;
+:class:`~.sampler.PromptSampler` serves a substitute sample in its place.
+
+The HF ``datasets`` directory is read with pyarrow directly (its ``state.json`` lists the Arrow stream
+files), so ``datasets`` need not be installed; a ``DatasetDict`` directory needs ``split`` (default ``train``
+when present, else the only split).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Union, overload
+
+from PIL import Image
+
+from .sample import DataStats, Sample
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, os.PathLike]
+
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+FORMATS = ("jsonl", "parquet", "hf_disk")
+VERIFY_MODES = ("header", "full", "none")
+
+_B64_RE = re.compile(r"[A-Za-z0-9+/=\s_-]+")
+
+
+class DataFileError(OSError):
+    """A data file (not a row) is missing or cannot be read."""
+
+
+class SampleLoadError(DataFileError):
+    """A sample's image passed the read-time check but cannot be decoded when the sample is accessed.
+
+    :class:`~.sampler.PromptSampler` catches it and serves a substitute sample, so a run does not stop.
+    """
+
+
+@dataclass
+class ReaderConfig:
+    """How rows are read; the defaults of every reader live here."""
+
+    prompt_field: str = "prompt"
+    reference_field: str = "reference"
+    image_field: Optional[str] = None  # None: "images" when present and not null, else "image"
+    id_field: str = "id"
+    require_reference: bool = False
+    require_images: bool = False
+    verify_images: str = "header"  # header | full | none
+    image_mode: Optional[str] = "RGB"  # images are converted to this mode when loaded; None keeps it
+    preload: bool = False  # decode every image at read time and keep it in memory
+    split: Optional[str] = None  # HF DatasetDict directories: which split
+
+    def __post_init__(self) -> None:
+        if self.verify_images not in VERIFY_MODES:
+            raise ValueError(f"ReaderConfig.verify_images = {self.verify_images!r}: expected one of {VERIFY_MODES}")
+
+
+# ---------------------------------------------------------------------------------------------- images
+@dataclass
+class ImageSource:
+    """Where one image comes from: a file path or encoded bytes."""
+
+    path: Optional[str] = None
+    data: Optional[bytes] = None
+
+    def open(self) -> Image.Image:
+        return Image.open(self.path) if self.path is not None else Image.open(io.BytesIO(self.data))
+
+    def describe(self) -> str:
+        return self.path if self.path is not None else f"<{len(self.data)} bytes>"
+
+
+class _Skip(Exception):
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _resolve_path(p: str, base_dir: Path) -> Path:
+    path = Path(p).expanduser()
+    return path if path.is_absolute() else base_dir / path
+
+
+def _decode_base64(s: str) -> bytes:
+    if s.startswith("data:"):
+        s = s.split(",", 1)[1] if "," in s else ""
+    try:
+        return base64.b64decode("".join(s.split()), validate=False, altchars=b"-_" if ("-" in s or "_" in s) else None)
+    except (binascii.Error, ValueError) as exc:
+        raise _Skip("unreadable_image") from exc
+
+
+def _image_source(value: Any, base_dir: Path) -> ImageSource:
+    if value is None:
+        raise _Skip("missing_image")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return ImageSource(data=bytes(value))
+    if isinstance(value, dict):
+        if value.get("bytes"):
+            return _image_source(bytes(value["bytes"]), base_dir)
+        if value.get("path"):
+            return _image_source(str(value["path"]), base_dir)
+        raise _Skip("missing_image")
+    if isinstance(value, str):
+        if value.startswith("data:"):
+            return ImageSource(data=_decode_base64(value))
+        if len(value) < 4096:
+            try:
+                path = _resolve_path(value, base_dir)
+                if path.is_file():
+                    return ImageSource(path=str(path))
+            except (OSError, ValueError):
+                pass
+        if len(value) >= 64 and _B64_RE.fullmatch(value):
+            return ImageSource(data=_decode_base64(value))
+        raise _Skip("missing_image")
+    raise _Skip("unreadable_image")
+
+
+def _verify(src: ImageSource, mode: str) -> None:
+    if mode == "none":
+        return
+    try:
+        with src.open() as img:
+            if mode == "full":
+                img.load()
+            else:
+                img.verify()
+    except Exception as exc:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBomb...)
+        raise _Skip("unreadable_image") from exc
+
+
+def load_image(src: ImageSource, mode: Optional[str] = "RGB") -> Image.Image:
+    """Decode one image fully (the file is closed afterwards), converted to ``mode`` unless None."""
+    with src.open() as img:
+        img.load()
+        out = img.convert(mode) if mode is not None and img.mode != mode else img.copy()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- rows
+def _text(value: Any) -> Optional[str]:
+    """A text field: None stays None; bytes must be UTF-8; numbers become text; lone surrogates are non-UTF-8."""
+    if value is None:
+        return None
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise _Skip("non_utf8") from exc
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise _Skip("non_utf8") from exc
+        return value
+    return None
+
+
+@dataclass
+class _Record:
+    id: str
+    prompt: str
+    reference: Optional[str]
+    sources: List[ImageSource]
+    meta: Dict[str, Any] = field(default_factory=dict)
+    images: Optional[List[Image.Image]] = None  # decoded (preload)
+
+
+def _image_values(row: Dict[str, Any], cfg: ReaderConfig) -> List[Any]:
+    if cfg.image_field is not None:
+        value = row.get(cfg.image_field)
+    else:
+        value = row.get("images")
+        if value is None:
+            value = row.get("image")
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _row_to_record(row: Any, row_id: str, base_dir: Path, cfg: ReaderConfig) -> _Record:
+    if not isinstance(row, dict):
+        raise _Skip("malformed_json")
+    prompt = _text(row.get(cfg.prompt_field))
+    if prompt is None or not prompt.strip():
+        raise _Skip("empty_prompt")
+    ref_value = row.get(cfg.reference_field)
+    meta: Dict[str, Any] = {}
+    if isinstance(ref_value, (list, tuple)):
+        refs = [t for t in (_text(v) for v in ref_value) if t is not None and t.strip()]
+        if refs:
+            meta["all_references"] = refs
+        reference = refs[0] if refs else None
+    else:
+        reference = _text(ref_value)
+        if reference is not None and not reference.strip():
+            reference = None
+    if reference is None and cfg.require_reference:
+        raise _Skip("missing_reference")
+    sources = [_image_source(v, base_dir) for v in _image_values(row, cfg)]
+    if not sources and cfg.require_images:
+        raise _Skip("missing_image")
+    for src in sources:
+        _verify(src, cfg.verify_images)
+    used = {cfg.prompt_field, cfg.reference_field, cfg.id_field, "meta"}
+    used |= {cfg.image_field} if cfg.image_field else {"image", "images"}
+    for key, value in row.items():
+        if key in used or isinstance(value, (bytes, bytearray, memoryview)):
+            continue
+        meta[key] = value
+    if isinstance(row.get("meta"), dict):
+        meta.update(row["meta"])
+    record = _Record(row_id, prompt, reference, sources, meta)
+    if cfg.preload:
+        try:
+            record.images = [load_image(s, cfg.image_mode) for s in sources]
+        except Exception as exc:
+            raise _Skip("unreadable_image") from exc
+    return record
+
+
+def _row_id(row: Any, fallback: str, cfg: ReaderConfig) -> str:
+    if isinstance(row, dict):
+        value = row.get(cfg.id_field)
+        if value is not None and not isinstance(value, (bytes, bytearray)) and str(value).strip():
+            return str(value)
+    return fallback
+
+
+class _Collector:
+    """Turns raw rows into records, counting skips and duplicate ids."""
+
+    def __init__(self, stats: DataStats, cfg: ReaderConfig, base_dir: Path, seen: set):
+        self.stats, self.cfg, self.base_dir, self.seen = stats, cfg, base_dir, seen
+        self.records: List[_Record] = []
+
+    def add(self, row: Any, fallback_id: str) -> None:
+        self.stats.rows_read += 1
+        row_id = _row_id(row, fallback_id, self.cfg)
+        try:
+            if row_id in self.seen:
+                raise _Skip("duplicate_id")
+            record = _row_to_record(row, row_id, self.base_dir, self.cfg)
+        except _Skip as skip:
+            self.stats.skip(skip.reason, row_id)
+            return
+        self.seen.add(row_id)
+        self.records.append(record)
+        self.stats.rows_kept += 1
+
+    def bad(self, reason: str, row_id: str) -> None:
+        self.stats.rows_read += 1
+        self.stats.skip(reason, row_id)
+
+
+# ---------------------------------------------------------------------------------------------- formats
+def _check_file(path: Path) -> None:
+    if not path.exists():
+        raise DataFileError(f"data file {str(path)!r} does not exist")
+    if not path.is_file():
+        raise DataFileError(f"data file {str(path)!r} is not a file")
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise DataFileError(f"cannot read data file {str(path)!r}: {exc}") from exc
+
+
+def _is_json_array(path: Path) -> bool:
+    if path.suffix != ".json":
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096).lstrip()
+    except OSError as exc:
+        raise DataFileError(f"cannot read data file {str(path)!r}: {exc}") from exc
+    return head[:1] == b"["
+
+
+def _read_jsonl(path: Path, col: _Collector, id_prefix: str) -> None:
+    _check_file(path)
+    if _is_json_array(path):  # a .json file holding one array of rows
+        try:
+            rows = json.loads(_read_bytes(path).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataFileError(f"cannot parse JSON data file {str(path)!r}: {exc}") from exc
+        for i, row in enumerate(rows):
+            col.add(row, f"{id_prefix}:{i}")
+        return
+    try:
+        f = open(path, "rb")
+    except OSError as exc:
+        raise DataFileError(f"cannot read data file {str(path)!r}: {exc}") from exc
+    with f:  # streamed line by line: a large JSONL file (e.g. with base64 images) is never read whole
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            fallback = f"{id_prefix}:{lineno}"
+            try:
+                text = line.decode("utf-8")
+            except UnicodeDecodeError:
+                col.bad("non_utf8", fallback)
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError:
+                col.bad("malformed_json", fallback)
+                continue
+            col.add(row, fallback)
+
+
+def _require_pyarrow(what: str):
+    try:
+        import pyarrow  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"reading {what} needs pyarrow: pip install pyarrow") from exc
+
+
+def _read_parquet(path: Path, col: _Collector, id_prefix: str) -> None:
+    _check_file(path)
+    _require_pyarrow(f"parquet file {str(path)!r}")
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(str(path))
+        i = 0
+        for batch in pf.iter_batches(batch_size=512):
+            for row in batch.to_pylist():
+                col.add(row, f"{id_prefix}:{i}")
+                i += 1
+    except (OSError, ValueError) as exc:
+        raise DataFileError(f"cannot read parquet data file {str(path)!r}: {exc}") from exc
+
+
+def _arrow_batches(path: Path) -> Iterator[Any]:
+    import pyarrow as pa
+
+    try:
+        with pa.memory_map(str(path)) as src:
+            try:
+                reader = pa.ipc.open_stream(src)
+            except pa.ArrowInvalid:
+                src.seek(0)
+                reader = pa.ipc.open_file(src)
+                for k in range(reader.num_record_batches):
+                    yield reader.get_batch(k)
+                return
+            yield from reader
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataFileError(f"cannot read arrow data file {str(path)!r}: {exc}") from exc
+
+
+def hf_disk_files(directory: PathLike, split: Optional[str] = None) -> List[Path]:
+    """The Arrow files of a ``save_to_disk`` directory (a Dataset, or one split of a DatasetDict)."""
+    d = Path(directory)
+    if not d.exists():
+        raise DataFileError(f"data directory {str(d)!r} does not exist")
+    dict_file = d / "dataset_dict.json"
+    if dict_file.is_file():
+        try:
+            splits = list(json.loads(dict_file.read_text(encoding="utf-8"))["splits"])
+        except (OSError, ValueError, KeyError) as exc:
+            raise DataFileError(f"cannot read {str(dict_file)!r}: {exc}") from exc
+        if split is None:
+            if "train" in splits:
+                split = "train"
+            elif len(splits) == 1:
+                split = splits[0]
+            else:
+                raise ValueError(f"{str(d)!r} is a DatasetDict with splits {splits}: choose one with split=")
+        if split not in splits:
+            raise ValueError(f"{str(d)!r} has no split {split!r}: expected one of {splits}")
+        d = d / split
+    state_file = d / "state.json"
+    if not state_file.is_file():
+        raise DataFileError(
+            f"{str(d)!r} is not a dataset saved with save_to_disk: no state.json (or dataset_dict.json)"
+        )
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        files = [d / f["filename"] for f in state["_data_files"]]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise DataFileError(f"cannot read {str(state_file)!r}: {exc}") from exc
+    for f in files:
+        _check_file(f)
+    return files
+
+
+def _read_hf_disk(directory: Path, col: _Collector, id_prefix: str, split: Optional[str]) -> None:
+    _require_pyarrow(f"HF datasets directory {str(directory)!r}")
+    i = 0
+    for f in hf_disk_files(directory, split):
+        for batch in _arrow_batches(f):
+            for row in batch.to_pylist():
+                col.add(row, f"{id_prefix}:{i}")
+                i += 1
+
+
+def detect_format(path: PathLike) -> str:
+    """``hf_disk`` for a directory, ``jsonl`` / ``parquet`` from the suffix; raises naming the path otherwise."""
+    p = Path(path)
+    if not p.exists():
+        raise DataFileError(f"data file {str(p)!r} does not exist")
+    if p.is_dir():
+        return "hf_disk"
+    suffix = p.suffix.lower()
+    if suffix in JSONL_SUFFIXES:
+        return "jsonl"
+    if suffix in PARQUET_SUFFIXES:
+        return "parquet"
+    raise ValueError(
+        f"cannot tell the format of data file {str(p)!r}: expected a suffix in {JSONL_SUFFIXES + PARQUET_SUFFIXES} "
+        "or a save_to_disk directory (or pass fmt=)"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+class SampleDataset(Sequence[Sample]):
+    """The samples read from one or more data files; ``dataset[i]`` decodes sample i's images.
+
+    ``stats`` holds what was read, kept and skipped; ``ids`` the sample ids in order.
+    """
+
+    def __init__(self, records: List[_Record], stats: DataStats, image_mode: Optional[str] = "RGB"):
+        self._records = records
+        self.stats = stats
+        self.image_mode = image_mode
+        self._failed: set = set()  # ids whose images failed to decode on access (counted once in stats)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    @property
+    def ids(self) -> List[str]:
+        return [r.id for r in self._records]
+
+    def _sample(self, rec: _Record) -> Sample:
+        if rec.images is not None:
+            images = [im.copy() for im in rec.images]
+        else:
+            images = []
+            for src in rec.sources:
+                try:
+                    images.append(load_image(src, self.image_mode))
+                except Exception as exc:
+                    if rec.id not in self._failed:
+                        self._failed.add(rec.id)
+                        self.stats.skip("unreadable_image", rec.id)
+                        self.stats.rows_kept -= 1
+                    raise SampleLoadError(
+                        f"sample {rec.id!r}: image {src.describe()!r} passed the read-time check but cannot be "
+                        f"decoded ({exc}); read with verify_images='full' to skip such rows when reading"
+                    ) from exc
+        return Sample(id=rec.id, prompt=rec.prompt, reference=rec.reference, images=images, meta=dict(rec.meta))
+
+    @overload
+    def __getitem__(self, i: int) -> Sample: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> List[Sample]: ...
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self._sample(r) for r in self._records[i]]
+        return self._sample(self._records[i])
+
+    def __repr__(self) -> str:
+        return f"SampleDataset({len(self)} samples; {self.stats.summary()})"
+
+
+def load_samples(paths: Union[PathLike, Sequence[PathLike]], fmt: Optional[str] = None,
+                 config: Optional[ReaderConfig] = None, **overrides: Any) -> SampleDataset:
+    """Read one or several data files (JSONL, parquet, or a ``save_to_disk`` directory) into a dataset.
+
+    ``fmt`` forces the format (``jsonl`` | ``parquet`` | ``hf_disk``) instead of guessing it from the path;
+    ``overrides`` are :class:`ReaderConfig` fields (``require_reference=True``, ``prompt_field="question"``...).
+    Skipped rows are logged (one warning with ``DataStats.summary()``) and kept in ``dataset.stats``.
+    """
+    cfg = replace(config or ReaderConfig(), **overrides)
+    if fmt is not None and fmt not in FORMATS:
+        raise ValueError(f"load_samples fmt = {fmt!r}: expected one of {FORMATS}")
+    path_list = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not path_list:
+        raise ValueError("load_samples: no data files given")
+    names = [Path(p).name for p in path_list]
+    unique_names = len(set(names)) == len(names)
+    total = DataStats()
+    records: List[_Record] = []
+    seen: set = set()
+    for p, name in zip(path_list, names):
+        path = Path(p)
+        kind = fmt or detect_format(path)
+        stats = DataStats(source=str(path))
+        prefix = name if unique_names else str(path)
+        col = _Collector(stats, cfg, path if kind == "hf_disk" else path.parent, seen)
+        if kind == "jsonl":
+            _read_jsonl(path, col, prefix)
+        elif kind == "parquet":
+            _read_parquet(path, col, prefix)
+        else:
+            _read_hf_disk(path, col, prefix, cfg.split)
+        if stats.total_skipped:
+            logger.warning("skipped bad rows: %s", stats.summary())
+        else:
+            logger.info("%s", stats.summary())
+        total.merge(stats)
+        records.extend(col.records)
+    return SampleDataset(records, total, cfg.image_mode)
+
+
+def samples_from_rows(rows: Sequence[Dict[str, Any]], base_dir: PathLike = ".", source: str = "<rows>",
+                      config: Optional[ReaderConfig] = None, **overrides: Any) -> SampleDataset:
+    """Rows already in memory (dicts as a JSONL line would hold) -> dataset, with the same checks."""
+    cfg = replace(config or ReaderConfig(), **overrides)
+    stats = DataStats(source=source)
+    col = _Collector(stats, cfg, Path(base_dir), set())
+    for i, row in enumerate(rows):
+        col.add(row, f"{source}:{i}")
+    return SampleDataset(col.records, stats, cfg.image_mode)
+
+
+def image_to_png_bytes(image: Image.Image) -> bytes:
+    """PNG encoding of an image (handy for writing parquet / HF-style ``{"bytes": ...}`` rows)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+__all__ = [
+    "DataFileError", "SampleLoadError", "ReaderConfig", "ImageSource", "SampleDataset", "load_samples",
+    "samples_from_rows", "detect_format", "hf_disk_files", "load_image", "image_to_png_bytes", "FORMATS",
+]
