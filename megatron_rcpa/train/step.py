@@ -1,0 +1,186 @@
+"""One RCPA optimisation step on a Megatron-Core policy, through megatron's pipeline schedule.
+
+    rollouts (RolloutBatch) -> fixed-shape micro-batches -> forward_backward_func
+        -> last stage: vocab-parallel logits -> ops.rcpa_loss_from_logits (fused kernels, TP-aware)
+    -> DDP grad reduction -> optimizer step (with grad clipping)
+
+Normalisation is global (RCPA_SPEC section 4): the token / sequence / imitation counts of the whole batch
+over every micro-batch and data-parallel rank are computed first (:func:`global_counts`) and every
+micro-batch's loss is divided by them, so the micro-batch losses SUM to the batch loss. Megatron's schedule
+divides each micro-batch loss by the number of micro-batches and DDP averages gradients over data-parallel
+ranks; the loss handed to backward is multiplied by both so the gradient is that of the batch loss.
+
+Forward-only passes (:func:`compute_logprobs`) give the old-policy and reference log-probs on the last
+pipeline stage, the only stage that computes the loss.
+
+The model's forward is ``model(tokens [b, s], position_ids [b, s], attention_mask=None) -> logits
+[b, s, V/TP]`` (megatron GPTModel with ``parallel_output=True``); other policies adapt to it with
+``forward_fn``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from megatron_rcpa.algo.config import LossConfig
+from megatron_rcpa.algo.loss import GlobalCounts, count_tokens
+from megatron_rcpa.rollout.batch import RolloutBatch
+
+ForwardFn = Callable[[torch.nn.Module, Dict[str, torch.Tensor]], torch.Tensor]
+
+
+def default_forward(model: torch.nn.Module, mb: Dict[str, torch.Tensor]) -> torch.Tensor:
+    b, s = mb["tokens"].shape
+    position_ids = torch.arange(s, device=mb["tokens"].device).expand(b, s)
+    return model(mb["tokens"], position_ids, None)
+
+
+def split_micro_batches(batch: RolloutBatch, micro_batch_size: int, group_size: int) -> List[RolloutBatch]:
+    """Fixed-shape micro-batches (pipeline parallelism needs one shape) of whole groups (the imitation term
+    counts a prompt's shared prefix once within one loss call)."""
+    n = batch.num_rollouts
+    if micro_batch_size % group_size:
+        raise ValueError(f"optim.micro_batch_size = {micro_batch_size} must be a multiple of rcpa.group_size = "
+                         f"{group_size}: a prompt's rollouts must stay in one micro-batch")
+    if n % micro_batch_size:
+        raise ValueError(f"{n} rollouts per rank do not split into micro-batches of {micro_batch_size}")
+    return [batch.select(range(i, i + micro_batch_size)) for i in range(0, n, micro_batch_size)]
+
+
+def global_counts(micro_batches: List[RolloutBatch], dp_group=None) -> GlobalCounts:
+    """The normalisers of the whole batch: summed over micro-batches, all-reduced over data parallel."""
+    total = GlobalCounts(0.0, 0.0, 0.0)
+    for mb in micro_batches:
+        total = total + count_tokens(mb.gen_mask, mb.constrained_mask, mb.seq_ids, mb.prompt_ids)
+    return total.all_reduce(dp_group)
+
+
+def _as_dict(mb: RolloutBatch, extra: Optional[Dict[str, torch.Tensor]], device) -> Dict[str, torch.Tensor]:
+    d = {k: v.to(device) for k, v in mb.__dict__.items()}
+    for k, v in (extra or {}).items():
+        d[k] = v.to(device)
+    return d
+
+
+@dataclass
+class StepConfig:
+    loss: LossConfig
+    lambda_t: float = 0.0
+    temperature: float = 1.0
+    vocab_size: Optional[int] = None  # the real vocabulary; Megatron's padded columns are excluded
+    impl: str = "triton"  # the fused kernels; "torch" = the plain reference path
+
+
+def _loss_func(cfg: StepConfig, counts: GlobalCounts, scale: float, tp_group, mb: Dict[str, torch.Tensor],
+               output_tensor: torch.Tensor):
+    from megatron_rcpa.ops import rcpa_loss_from_logits
+
+    loss, metrics = rcpa_loss_from_logits(
+        output_tensor, mb["targets"], mb["old_logp"], mb["advantages"], mb["gen_mask"], config=cfg.loss,
+        ref_logp=mb.get("ref_logp"), constrained_mask=mb["constrained_mask"], seq_ids=mb["seq_ids"],
+        prompt_ids=mb["prompt_ids"], lambda_t=cfg.lambda_t, counts=counts, temperature=cfg.temperature,
+        vocab_size=cfg.vocab_size, tp_group=tp_group, impl=cfg.impl)
+    return loss * scale, metrics
+
+
+def _logprob_func(cfg: StepConfig, tp_group, mb: Dict[str, torch.Tensor], output_tensor: torch.Tensor):
+    from megatron_rcpa.ops import masked_logprob
+
+    mask = mb["gen_mask"] | mb["constrained_mask"]
+    logp = masked_logprob(output_tensor, mb["targets"], mask, temperature=cfg.temperature, tp_group=tp_group,
+                          vocab_size=cfg.vocab_size, impl=cfg.impl)
+    return output_tensor.new_zeros(()), {"logp": logp.detach()}
+
+
+def _forward_step(loss_factory, forward_fn: ForwardFn, data_iterator, model):
+    mb = next(data_iterator)
+    return forward_fn(model, mb), partial(loss_factory, mb)
+
+
+def _run_schedule(model, micro: List[Dict[str, torch.Tensor]], loss_factory, forward_fn: ForwardFn,
+                  forward_only: bool):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    b, s = micro[0]["tokens"].shape
+    return get_forward_backward_func()(
+        forward_step_func=partial(_forward_step, loss_factory, forward_fn), data_iterator=iter(micro),
+        model=[model], num_microbatches=len(micro), seq_length=s, micro_batch_size=b, forward_only=forward_only)
+
+
+def compute_logprobs(model, micro_batches: List[RolloutBatch], cfg: StepConfig,
+                     forward_fn: ForwardFn = default_forward) -> Optional[List[torch.Tensor]]:
+    """Per-token log-probs ``[b, s]`` of every micro-batch's targets (0 off the loss positions), without
+    gradients. Returned on the last pipeline stage; None on the others."""
+    from megatron.core import parallel_state as ps
+
+    device = next(model.parameters()).device
+    micro = [_as_dict(mb, None, device) for mb in micro_batches]
+    tp_group = ps.get_tensor_model_parallel_group()
+    with torch.no_grad():
+        out = _run_schedule(model, micro, partial(_logprob_func, cfg, tp_group), forward_fn, True)
+    if not ps.is_pipeline_last_stage():
+        return None
+    return [o["logp"] for o in out]
+
+
+def train_step(model, optimizer, micro_batches: List[RolloutBatch], old_logp: List[torch.Tensor],
+               cfg: StepConfig, ref_logp: Optional[List[torch.Tensor]] = None,
+               forward_fn: ForwardFn = default_forward) -> Dict[str, float]:
+    """Forward+backward over all micro-batches and one optimizer step. ``model`` is megatron's DDP-wrapped
+    policy and ``optimizer`` from ``get_megatron_optimizer``. Returns the batch metrics (summed over
+    micro-batches and data-parallel ranks, i.e. global means) plus grad_norm / update_ok on every rank."""
+    from megatron.core import parallel_state as ps
+
+    device = next(model.parameters()).device
+    dp_group = ps.get_data_parallel_group()
+    dp_size = ps.get_data_parallel_world_size()
+    counts = global_counts(micro_batches, dp_group)
+    last = ps.is_pipeline_last_stage()
+    micro = []
+    for i, mb in enumerate(micro_batches):
+        extra = {}
+        if last:  # only the last stage reads the per-token inputs of the loss
+            extra["old_logp"] = old_logp[i]
+            if ref_logp is not None:
+                extra["ref_logp"] = ref_logp[i]
+        micro.append(_as_dict(mb, extra, device))
+    scale = float(len(micro) * dp_size)
+    factory = partial(_loss_func, cfg, counts, scale, ps.get_tensor_model_parallel_group())
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    outputs = _run_schedule(model, micro, factory, forward_fn, False)
+    update_ok, grad_norm, _ = optimizer.step()
+
+    metrics: Dict[str, float] = {}
+    keys = sorted(outputs[0]) if last and outputs else []
+    # every rank joins the same reductions: last-stage ranks hold values, others zeros, summed over PP too
+    names = _broadcast_keys(keys)
+    vec = torch.zeros(len(names), dtype=torch.float64)
+    if last:
+        for o in outputs:
+            vec += torch.stack([o[k].detach().double().reshape(()) for k in names])
+    if torch.distributed.is_initialized():
+        vec = vec.to(device)
+        torch.distributed.all_reduce(vec, group=dp_group)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            torch.distributed.all_reduce(vec, group=ps.get_pipeline_model_parallel_group())
+    metrics.update({k: float(v) for k, v in zip(names, vec.cpu().tolist())})
+    metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+    metrics["update_ok"] = float(bool(update_ok))
+    return metrics
+
+
+def _broadcast_keys(keys: List[str]) -> List[str]:
+    """The metric names from the last pipeline stage, known on every rank."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() == 1:
+        return keys
+    obj = [keys]
+    torch.distributed.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(),
+                                            group=ps.get_pipeline_model_parallel_group())
+    return obj[0]
