@@ -14,13 +14,13 @@ records CUDA streams and events in its DDP. :func:`install_cpu_shim` redirects e
 3. **Tensors.** A global :class:`torch.overrides.TorchFunctionMode` (:class:`CudaToCpuMode`) rewrites any
    CUDA device (``"cuda"``, ``"cuda:1"``, ``torch.device("cuda")``, a bare index) to the CPU in every
    ``device=`` keyword, in ``Tensor.to(...)`` and ``Tensor.cuda()``; drops ``pin_memory``
-   (``Tensor.pin_memory()`` returns the tensor itself); ignores ``Tensor.record_stream``; and makes
+   (``Tensor.pin_memory()`` returns the tensor itself); and makes
    ``Tensor.type()`` answer ``"torch.cuda.FloatTensor"`` for a CPU float tensor (and accept such a name as a
    target type).
 4. **Streams and events.** ``torch.cuda.Stream``/``Event`` become do-nothing stand-ins;
    ``torch.cuda.current_stream``/``default_stream`` return one shared stand-in stream,
-   ``torch.cuda.set_stream`` is a no-op and ``torch.cuda.stream(...)`` an empty context. CPU work is
-   synchronous, so waiting on nothing is correct.
+   ``torch.cuda.set_stream`` and ``Tensor.record_stream`` are no-ops and ``torch.cuda.stream(...)`` an empty
+   context. CPU work is synchronous, so waiting on nothing is correct.
 
 ``torch.cuda.is_available()`` keeps answering False. Everything is undone by :func:`uninstall_cpu_shim`.
 
@@ -54,7 +54,7 @@ _CPU = torch.device("cpu")
 
 # (owner, attribute, previous value, whether the attribute existed), in patch order.
 _PATCHES: List[Tuple[Any, str, Any, bool]] = []
-_MODE: Optional["CudaToCpuMode"] = None
+_MODE: Optional[CudaToCpuMode] = None
 _MEGATRON_RNG_NAMES = ("_get_cuda_rng_state", "_set_cuda_rng_state")
 
 
@@ -96,8 +96,6 @@ class CudaToCpuMode(TorchFunctionMode):
             return args[0]
         elif func is _Tensor.pin_memory:
             return args[0]
-        elif func is _Tensor.record_stream:
-            return None
         elif func is _Tensor.type:
             if len(args) == 1 and not kwargs.get("dtype"):
                 return _to_cuda_type_name(func(args[0]))
@@ -171,6 +169,10 @@ class _CpuStream:
 _CURRENT_STREAM = _CpuStream()
 
 
+def _record_stream(self: torch.Tensor, stream: Any) -> None:
+    """``Tensor.record_stream`` tells the CUDA caching allocator about another stream: nothing to do here."""
+
+
 def _current_stream(device: Any = None) -> _CpuStream:
     return _CURRENT_STREAM
 
@@ -222,8 +224,8 @@ _MEGATRON_REPLACEMENTS = {
 
 # ------------------------------------------------------------------------------------------- patching
 def _patch(owner: Any, name: str, value: Any) -> None:
-    had = hasattr(owner, name)
-    _PATCHES.append((owner, name, getattr(owner, name, None), had))
+    had = name in vars(owner)  # not inherited: on uninstall an inherited attribute is deleted, not copied
+    _PATCHES.append((owner, name, vars(owner).get(name), had))
     setattr(owner, name, value)
 
 
@@ -242,7 +244,8 @@ def _patch_megatron_rng_references() -> int:
             if value is None or value is _MEGATRON_REPLACEMENTS[name]:
                 continue
             # The original, imported by name anywhere, or a copy some megatron module defines itself.
-            if callable(value) and str(getattr(value, "__module__", "")).startswith("megatron"):
+            owner = str(getattr(value, "__module__", ""))
+            if callable(value) and (owner.split(".")[0] in ("megatron", "megatron_fsdp")):
                 _patch(module, name, _MEGATRON_REPLACEMENTS[name])
                 patched += 1
     return patched
@@ -268,6 +271,8 @@ def _torch_cuda_patches() -> List[Tuple[Any, str, Callable]]:
         (cuda, "default_stream", _current_stream),
         (cuda, "set_stream", lambda stream: None),
         (cuda, "stream", _stream_context),
+        # torch's argument parser rejects a stand-in stream before any torch function mode sees the call
+        (torch.Tensor, "record_stream", _record_stream),
     ]
     return patches
 
