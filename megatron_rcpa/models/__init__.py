@@ -1,0 +1,38 @@
+"""Megatron-Core VLM policies built from HF configs at any TP/PP.
+
+* :mod:`.qwen2_5_vl` - :func:`build_qwen2_5_vl_policy`, :class:`Qwen2_5_VLPolicy`, :func:`allreduce_vision_grads`
+* :mod:`.mrope` - 3-D position ids as transformers computes them (plain torch, no megatron import)
+* :mod:`.decoder` - the shared Qwen2/Llama decoder -> megatron ``TransformerConfig``
+* :mod:`.inference` - :class:`KVCache`, :func:`greedy_generate`, :func:`gather_vocab_logits`
+* :mod:`.pipeline` - :func:`pipeline_forward` (forward-only through the PP schedule)
+* :mod:`.tiny` - tiny random HF checkpoints for tests and demos
+
+Names are resolved lazily, so importing this package (or :mod:`.mrope`) does not import megatron.
+"""
+
+import importlib
+
+_EXPORTS = {
+    "Qwen2_5_VLPolicy": "qwen2_5_vl",
+    "build_qwen2_5_vl_policy": "qwen2_5_vl",
+    "allreduce_vision_grads": "qwen2_5_vl",
+    "PADDED_VOCAB_LOGIT": "qwen2_5_vl",
+    "mrope_position_ids": "mrope",
+    "next_positions": "mrope",
+    "DecoderDims": "decoder",
+    "decoder_transformer_config": "decoder",
+    "KVCache": "inference",
+    "greedy_generate": "inference",
+    "gather_vocab_logits": "inference",
+    "pipeline_forward": "pipeline",
+    "save_tiny_qwen2_5_vl": "tiny",
+    "tiny_qwen2_5_vl_config": "tiny",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
