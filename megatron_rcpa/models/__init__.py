@@ -17,6 +17,8 @@ _EXPORTS = {
     "build_qwen2_5_vl_policy": "qwen2_5_vl",
     "allreduce_vision_grads": "qwen2_5_vl",
     "PADDED_VOCAB_LOGIT": "qwen2_5_vl",
+    "trainer_forward": "qwen2_5_vl",
+    "select_image_rows": "mrope",
     "mrope_position_ids": "mrope",
     "next_positions": "mrope",
     "DecoderDims": "decoder",

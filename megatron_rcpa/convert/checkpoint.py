@@ -1,0 +1,248 @@
+"""Policy checkpoints: megatron ``dist_checkpointing`` + a metadata file + the HF tokenizer/processor files.
+
+A checkpoint directory::
+
+    <dir>/rcpa_checkpoint.json   metadata (CheckpointMetadata): family, the HF config.json, dtype, vocab sizes
+    <dir>/model/                 megatron dist_checkpointing (global tensors: loads at any TP/PP)
+    <dir>/hf_assets/             tokenizer / processor / chat-template / generation-config files, verbatim
+
+It is written aside (``<dir>.incomplete``) and renamed into place only when complete, so a failed or
+interrupted save never leaves something that looks like a valid checkpoint; :func:`read_metadata` refuses a
+directory without the metadata file.
+
+Collective API (every rank of the job calls it; megatron ``parallel_state`` initialised)::
+
+    save_checkpoint(policy, "ckpt/", metadata)                   # metadata: CheckpointMetadata
+    metadata = load_checkpoint(policy, "ckpt/")                  # into a policy built at any TP/PP
+    policy, metadata = build_policy_from_checkpoint("ckpt/")    # build this rank's stage + load
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from megatron_rcpa.convert.errors import ConversionError
+
+__all__ = [
+    "ASSETS_DIR",
+    "METADATA_FILE",
+    "MODEL_DIR",
+    "CheckpointMetadata",
+    "build_policy_from_checkpoint",
+    "is_checkpoint",
+    "load_checkpoint",
+    "read_metadata",
+    "save_checkpoint",
+    "unwrap_model",
+]
+
+FORMAT_VERSION = 1
+METADATA_FILE = "rcpa_checkpoint.json"
+MODEL_DIR = "model"
+ASSETS_DIR = "hf_assets"
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+@dataclasses.dataclass
+class CheckpointMetadata:
+    """What a checkpoint is, besides its tensors."""
+
+    family: str  # a key of megatron_rcpa.convert.families.FAMILIES
+    hf_config: Dict[str, Any]  # the HF config.json, as a dict
+    dtype: str  # dtype of the stored tensors: "fp32" | "bf16" | "fp16"
+    vocab_size: int
+    padded_vocab_size: int
+    source_dtype: Optional[str] = None  # dtype of the HF checkpoint it was converted from (export default)
+    hf_tensor_dtypes: Dict[str, str] = dataclasses.field(default_factory=dict)  # HF tensors not in source_dtype
+    assets: List[str] = dataclasses.field(default_factory=list)  # file names under hf_assets/
+    megatron_core_version: str = ""
+    format_version: int = FORMAT_VERSION
+    extra: Dict[str, Any] = dataclasses.field(default_factory=dict)  # free-form (iteration, provenance, ...)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Dict[str, Any], source: str = "<dict>") -> CheckpointMetadata:
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = sorted(required - set(data))
+        if missing:
+            raise ConversionError(f"{source}: missing key(s) {missing}")
+        version = data.get("format_version", FORMAT_VERSION)
+        if version > FORMAT_VERSION:
+            raise ConversionError(f"{source}: format_version={version} is newer than this code "
+                                  f"({FORMAT_VERSION})")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """Strip DDP / Float16Module wrappers (``.module`` chains)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def is_checkpoint(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, METADATA_FILE)) and os.path.isdir(os.path.join(directory,
+                                                                                                  MODEL_DIR))
+
+
+def read_metadata(directory: str) -> CheckpointMetadata:
+    """The metadata of a checkpoint directory; ConversionError if it is not a complete checkpoint."""
+    path = os.path.join(directory, METADATA_FILE)
+    if not os.path.isdir(directory):
+        raise ConversionError(f"checkpoint directory {directory!r} does not exist")
+    if not os.path.isfile(path):
+        hint = " (an interrupted save?)" if directory.rstrip("/").endswith(INCOMPLETE_SUFFIX) else ""
+        raise ConversionError(f"{directory!r} is not a megatron_rcpa checkpoint: {METADATA_FILE} not found{hint}")
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} does not hold a JSON object")
+    meta = CheckpointMetadata.from_dict(data, source=path)
+    if not os.path.isdir(os.path.join(directory, MODEL_DIR)):
+        raise ConversionError(f"{directory!r}: {MODEL_DIR}/ (the dist_checkpointing tensors) is missing")
+    return meta
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _megatron_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("megatron-core")
+    except Exception:  # noqa: BLE001
+        return ""
+
+
+@contextlib.contextmanager
+def _synchronous_writer():
+    """Let megatron's synchronous ``dist_checkpointing.save`` run in any process.
+
+    Its file writer reports through a module-level results queue that it creates as a
+    ``multiprocessing.Manager`` (a helper *process*), and megatron-core 0.16 also forks one writer process per
+    file. Neither is allowed in a daemonic process (e.g. a spawned test/launcher worker). For a synchronous
+    save the queue is only used inside this process, so a plain ``queue.Queue`` stands in for it while we
+    save (an existing queue, e.g. of a trainer's async saves, is left alone), and the daemon flag is lifted
+    for the duration so that 0.16's short-lived writer processes may start (they are joined before return).
+    """
+    import multiprocessing
+    import queue
+
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+    except ImportError:  # pragma: no cover - layout of a future megatron-core
+        filesystem_async = None
+    own_queue = filesystem_async is not None and getattr(filesystem_async, "_results_queue", 0) is None
+    if own_queue:
+        filesystem_async._results_queue = queue.Queue()
+    config = multiprocessing.current_process()._config
+    daemon = config.get("daemon", False)
+    if daemon:
+        config["daemon"] = False
+    try:
+        yield
+    finally:
+        if own_queue:
+            filesystem_async._results_queue = None
+        if daemon:
+            config["daemon"] = daemon
+
+
+def save_checkpoint(model: torch.nn.Module, directory: str, metadata: CheckpointMetadata, *,
+                    assets_from: Optional[str] = None, overwrite: bool = False) -> None:
+    """Save ``model`` (this rank's stage of a policy) as a checkpoint. Collective over all ranks.
+
+    ``assets_from``: a directory whose tokenizer/processor files are copied into ``hf_assets/``
+    (an HF directory, or ``<checkpoint>/hf_assets``). Refuses an existing ``directory`` unless ``overwrite``.
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = os.path.abspath(directory.rstrip("/"))
+    if os.path.exists(directory) and not overwrite:
+        raise ConversionError(f"{directory!r} already exists (pass overwrite=True / --overwrite to replace it)")
+    tmp = directory + INCOMPLETE_SUFFIX
+    if _rank() == 0:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        os.makedirs(os.path.join(tmp, MODEL_DIR))
+    _barrier()
+    policy = unwrap_model(model)
+    with _synchronous_writer():
+        dist_checkpointing.save(policy.sharded_state_dict(), os.path.join(tmp, MODEL_DIR))
+    _barrier()
+    if _rank() == 0:
+        from megatron_rcpa.convert.hf_io import copy_assets
+
+        metadata = dataclasses.replace(metadata)
+        if assets_from is not None:
+            metadata.assets = copy_assets(assets_from, os.path.join(tmp, ASSETS_DIR))
+        metadata.megatron_core_version = metadata.megatron_core_version or _megatron_version()
+        with open(os.path.join(tmp, METADATA_FILE), "w") as f:
+            f.write(metadata.to_json())
+        old = None
+        if os.path.exists(directory):
+            old = directory + ".old"
+            if os.path.exists(old):
+                shutil.rmtree(old)
+            os.rename(directory, old)
+        os.rename(tmp, directory)
+        if old is not None:
+            shutil.rmtree(old)
+    _barrier()
+
+
+def load_checkpoint(model: torch.nn.Module, directory: str, *, strict: bool = True) -> CheckpointMetadata:
+    """Load a checkpoint into ``model`` (this rank's stage, any TP/PP). Collective over all ranks."""
+    from megatron.core import dist_checkpointing
+
+    meta = read_metadata(directory)
+    policy = unwrap_model(model)
+    padded = getattr(policy, "padded_vocab_size", None)
+    if padded is not None and padded != meta.padded_vocab_size:
+        raise ConversionError(f"{directory!r} holds a padded vocabulary of {meta.padded_vocab_size} rows but the "
+                              f"model was built with padded_vocab_size={padded}; build it with the metadata's value")
+    state = dist_checkpointing.load(policy.sharded_state_dict(), os.path.join(directory, MODEL_DIR))
+    if isinstance(state, tuple):
+        state = state[0]
+    policy.load_state_dict(state, strict=strict)
+    return meta
+
+
+def build_policy_from_checkpoint(directory: str, *, load: bool = True, params_dtype: Any = None,
+                                 **build_kwargs: Any) -> Tuple[torch.nn.Module, CheckpointMetadata]:
+    """Build this rank's policy stage for the checkpoint's family (current TP/PP) and load its weights.
+
+    ``params_dtype`` defaults to the stored dtype; ``build_kwargs`` go to the family's builder
+    (e.g. ``config_overrides``, ``vision_attn_implementation``).
+    """
+    from megatron_rcpa.convert.families import family_by_name
+
+    meta = read_metadata(directory)
+    family = family_by_name(meta.family)
+    policy = family.build_policy(meta.hf_config, params_dtype=params_dtype or meta.dtype,
+                                 padded_vocab_size=meta.padded_vocab_size, perform_initialization=not load,
+                                 **build_kwargs)
+    if load:
+        load_checkpoint(policy, directory)
+    return policy, meta

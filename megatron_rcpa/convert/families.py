@@ -1,0 +1,138 @@
+"""Model families the converters know: HF architecture -> parameter-name table, policy builder, aliases.
+
+Adding a family (LLaVA, plain Qwen2/Llama text LMs) is one :class:`ModelFamily` here: its table reuses
+:func:`~megatron_rcpa.convert.weight_maps.decoder_tensor_maps` for the text tower, plus the family's own
+entries (vision tower, projector), and a policy builder in :mod:`megatron_rcpa.models`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import re
+from typing import Any, Callable, Dict, Tuple
+
+import torch
+
+from megatron_rcpa.convert.errors import ConversionError
+from megatron_rcpa.convert.hf_io import normalize_name
+from megatron_rcpa.convert.weight_maps import Entry, LayerLayout, ModuleMap, decoder_tensor_maps
+
+__all__ = ["FAMILIES", "ModelFamily", "family_by_name", "family_for_config"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """Everything the converters need to know about one HF architecture family."""
+
+    name: str
+    architectures: Tuple[str, ...]
+    #: (transformers-5 in-memory prefix, on-disk prefix): in-memory names read from a file are mapped onto
+    #: on-disk names; the converters write on-disk names.
+    hf_aliases: Tuple[Tuple[str, str], ...]
+    #: HF tensors dropped silently when present (non-persistent buffers some exporters save).
+    ignore_hf: Tuple[str, ...]
+    #: HF config -> the parameter-name table.
+    table: Callable[[Any], Tuple[Entry, ...]]
+    #: HF config -> the decoder's sizes (DecoderDims).
+    decoder_dims: Callable[[Any], Any]
+    #: "module:function" building this rank's policy stage: fn(hf_config, **kwargs).
+    policy_builder: str
+    #: HF config object (or dict) -> the family's HF config object.
+    hf_config: Callable[[Any], Any]
+    #: The HF output head's on-disk name: absent from (or ignored in) checkpoints of tied models.
+    tied_head: str = "lm_head.weight"
+
+    def build_policy(self, hf_config: Any, **kwargs: Any):
+        module, _, fn = self.policy_builder.partition(":")
+        return getattr(importlib.import_module(module), fn)(self.hf_config(hf_config), **kwargs)
+
+    def layout(self, hf_config: Any, padded_vocab_size: int) -> LayerLayout:
+        dims = self.decoder_dims(hf_config)
+        return LayerLayout(num_attention_heads=dims.num_attention_heads, num_kv_heads=dims.num_kv_heads,
+                           head_dim=dims.head_dim, vocab_size=dims.vocab_size, padded_vocab_size=padded_vocab_size)
+
+    def is_ignored(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.ignore_hf)
+
+    def expected_hf_tensors(self, hf_config: Any) -> Dict[str, Tuple[int, ...]]:
+        """On-disk name -> shape of every tensor an HF checkpoint of this config holds (from transformers'
+        own module definition, instantiated on the meta device). A tied output head is not listed."""
+        import transformers
+
+        config = self.hf_config(hf_config)
+        arch = next((a for a in getattr(config, "architectures", None) or [] if a in self.architectures),
+                    self.architectures[0])
+        cls = getattr(transformers, arch)
+        with torch.device("meta"):
+            model = cls(config)
+        tied = bool(self.decoder_dims(config).tie_word_embeddings)
+        out = {}
+        for name, tensor in model.state_dict().items():
+            name = normalize_name(name, self.hf_aliases)
+            if tied and name == self.tied_head:
+                continue
+            if not self.is_ignored(name):
+                out[name] = tuple(tensor.shape)
+        return out
+
+
+# ------------------------------------------------------------------------------------------ Qwen2.5-VL
+def _qwen2_5_vl_config(hf_config: Any):
+    from megatron_rcpa.convert.hf_io import load_hf_config
+
+    if isinstance(hf_config, dict):
+        hf_config = load_hf_config(hf_config)
+    if getattr(hf_config, "model_type", None) != "qwen2_5_vl":
+        model_type = getattr(hf_config, "model_type", None)
+        raise ConversionError(f"expected a qwen2_5_vl config, got model_type={model_type!r}")
+    return hf_config
+
+
+def _qwen2_5_vl_dims(hf_config: Any):
+    from megatron_rcpa.models.qwen2_5_vl_config import qwen2_5_vl_decoder_dims
+
+    return qwen2_5_vl_decoder_dims(_qwen2_5_vl_config(hf_config))
+
+
+def _qwen2_5_vl_table(hf_config: Any) -> Tuple[Entry, ...]:
+    dims = _qwen2_5_vl_dims(hf_config)
+    decoder = decoder_tensor_maps(megatron_prefix="language_model.", hf_prefix="model.", lm_head="lm_head.weight",
+                                  qkv_bias=True, tied=dims.tie_word_embeddings)
+    return decoder + (ModuleMap(megatron_prefix="vision_model.", hf_prefix="visual."),)
+
+
+QWEN2_5_VL = ModelFamily(
+    name="qwen2_5_vl",
+    architectures=("Qwen2_5_VLForConditionalGeneration",),
+    hf_aliases=(("model.language_model.", "model."), ("model.visual.", "visual.")),
+    ignore_hf=(r"\.rotary_emb\.inv_freq$",),
+    table=_qwen2_5_vl_table,
+    decoder_dims=_qwen2_5_vl_dims,
+    policy_builder="megatron_rcpa.models.qwen2_5_vl:build_qwen2_5_vl_policy",
+    hf_config=_qwen2_5_vl_config,
+)
+
+FAMILIES: Dict[str, ModelFamily] = {QWEN2_5_VL.name: QWEN2_5_VL}
+
+
+def family_by_name(name: str) -> ModelFamily:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise ConversionError(f"unknown model family {name!r}; known: {sorted(FAMILIES)}") from None
+
+
+def family_for_config(config: Dict[str, Any]) -> ModelFamily:
+    """The family of an HF ``config.json`` dict, from its ``architectures`` (else its ``model_type``)."""
+    archs = config.get("architectures") or []
+    for family in FAMILIES.values():
+        if any(a in family.architectures for a in archs):
+            return family
+    if not archs:
+        for family in FAMILIES.values():
+            if config.get("model_type") == family.name:
+                return family
+    supported = sorted(a for f in FAMILIES.values() for a in f.architectures)
+    raise ConversionError(f"unknown architecture {archs or None} (model_type={config.get('model_type')!r}) in "
+                          f"config.json; supported: {supported}")

@@ -1,0 +1,223 @@
+"""Reading and writing HF checkpoint directories: config, safetensors (single / sharded with an index), and
+the tokenizer / processor files that travel with a checkpoint.
+
+:class:`HFCheckpointReader` reads tensors lazily (one ``safe_open`` per file, a tensor at a time) and
+accepts both on-disk names and transformers-5 in-memory names (mapped to on-disk names through the
+family's aliases). :func:`write_safetensors_shards` writes ``model-0000i-of-0000N.safetensors`` plus
+``model.safetensors.index.json`` the way ``save_pretrained`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+
+from megatron_rcpa.convert.errors import ConversionError
+
+__all__ = [
+    "ASSET_PATTERNS",
+    "HFCheckpointReader",
+    "copy_assets",
+    "load_hf_config",
+    "read_config_dict",
+    "write_safetensors_shards",
+]
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+#: Files copied verbatim between an HF directory and a converted checkpoint (tokenizer, processor,
+#: chat template, generation config). Matched with fnmatch against file names in the directory's top level.
+ASSET_PATTERNS = (
+    "tokenizer*.json", "tokenizer.model", "*.tiktoken", "vocab.json", "vocab.txt", "merges.txt",
+    "special_tokens_map.json", "added_tokens.json", "preprocessor_config.json", "processor_config.json",
+    "video_preprocessor_config.json", "chat_template*", "generation_config.json", "*.model",
+)
+
+
+def read_config_dict(hf_dir: str) -> Dict[str, Any]:
+    """The raw ``config.json`` of an HF directory, with a clear error when it is missing or not JSON."""
+    path = os.path.join(hf_dir, "config.json")
+    if not os.path.isdir(hf_dir):
+        raise ConversionError(f"HF directory {hf_dir!r} does not exist")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ConversionError(f"{path} not found: not an HF model directory") from None
+    except (OSError, ValueError) as exc:
+        raise ConversionError(f"cannot read {path}: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path} does not hold a JSON object")
+    return config
+
+
+def load_hf_config(hf_dir_or_dict: Any):
+    """An HF config object from a directory (``AutoConfig``, offline) or from a config dict."""
+    from transformers import AutoConfig
+
+    if isinstance(hf_dir_or_dict, dict):
+        d = dict(hf_dir_or_dict)
+        model_type = d.pop("model_type", None)
+        if model_type is None:
+            raise ConversionError("config has no 'model_type'")
+        try:
+            return AutoConfig.for_model(model_type, **d)
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ConversionError(f"cannot build an HF config of model_type={model_type!r}: {exc}") from exc
+    read_config_dict(hf_dir_or_dict)
+    try:
+        return AutoConfig.from_pretrained(hf_dir_or_dict, local_files_only=True)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise ConversionError(f"cannot load the HF config in {hf_dir_or_dict!r}: {exc}") from exc
+
+
+def normalize_name(name: str, aliases: Sequence[Tuple[str, str]]) -> str:
+    """Map an in-memory name onto the on-disk name through ``(in_memory_prefix, on_disk_prefix)`` pairs."""
+    for in_memory, on_disk in aliases:
+        if name.startswith(in_memory):
+            return on_disk + name[len(in_memory):]
+    return name
+
+
+class HFCheckpointReader:
+    """Lazy access to the tensors of an HF safetensors checkpoint, by canonical (on-disk) name."""
+
+    def __init__(self, hf_dir: str, aliases: Sequence[Tuple[str, str]] = ()) -> None:
+        self.hf_dir = hf_dir
+        self.aliases = tuple(aliases)
+        self._handles: Dict[str, Any] = {}
+        self._where: Dict[str, Tuple[str, str]] = {}  # canonical name -> (file, stored name)
+        for file, stored in self._list_tensors():
+            name = normalize_name(stored, self.aliases)
+            if name in self._where:
+                other = self._where[name]
+                raise ConversionError(f"tensor {name!r} appears twice: as {other[1]!r} in {other[0]} and as "
+                                      f"{stored!r} in {file}")
+            self._where[name] = (file, stored)
+
+    def _list_tensors(self) -> List[Tuple[str, str]]:
+        if not os.path.isdir(self.hf_dir):
+            raise ConversionError(f"HF directory {self.hf_dir!r} does not exist")
+        index_path = os.path.join(self.hf_dir, INDEX_FILE)
+        if os.path.exists(index_path):
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise ConversionError(f"cannot read {index_path}: {exc}") from exc
+            for file in sorted(set(weight_map.values())):
+                if not os.path.exists(os.path.join(self.hf_dir, file)):
+                    raise ConversionError(f"{index_path} lists {file!r}, which does not exist")
+            listed = [(file, name) for name, file in weight_map.items()]
+            for file in sorted(set(weight_map.values())):  # the index must agree with the files
+                actual = set(self._keys(file))
+                claimed = {name for f, name in listed if f == file}
+                if claimed - actual:
+                    missing = sorted(claimed - actual)[:5]
+                    raise ConversionError(f"{index_path} places {missing} in {file}, which does not hold them")
+            return listed
+        files = sorted(f for f in os.listdir(self.hf_dir) if f.endswith(".safetensors"))
+        if not files:
+            others = sorted(f for f in os.listdir(self.hf_dir) if f.endswith((".bin", ".pt", ".pth")))
+            hint = f" (found {others}: only safetensors are supported)" if others else ""
+            raise ConversionError(f"no *.safetensors files in {self.hf_dir!r}{hint}")
+        return [(file, name) for file in files for name in self._keys(file)]
+
+    def _handle(self, file: str):
+        if file not in self._handles:
+            from safetensors import safe_open
+
+            path = os.path.join(self.hf_dir, file)
+            try:
+                self._handles[file] = safe_open(path, framework="pt")
+            except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a bad file
+                raise ConversionError(f"cannot read safetensors file {path}: {exc}") from exc
+        return self._handles[file]
+
+    def _keys(self, file: str) -> List[str]:
+        return list(self._handle(file).keys())
+
+    def names(self) -> List[str]:
+        return sorted(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def shape(self, name: str) -> Tuple[int, ...]:
+        file, stored = self._locate(name)
+        return tuple(self._handle(file).get_slice(stored).get_shape())
+
+    def dtype(self, name: str) -> str:
+        file, stored = self._locate(name)
+        return str(self._handle(file).get_slice(stored).get_dtype())
+
+    def get(self, name: str) -> torch.Tensor:
+        file, stored = self._locate(name)
+        try:
+            return self._handle(file).get_tensor(stored)
+        except Exception as exc:  # noqa: BLE001
+            raise ConversionError(f"cannot read tensor {stored!r} from {os.path.join(self.hf_dir, file)}: "
+                                  f"{exc}") from exc
+
+    def _locate(self, name: str) -> Tuple[str, str]:
+        try:
+            return self._where[name]
+        except KeyError:
+            raise ConversionError(f"tensor {name!r} is missing from the HF checkpoint in {self.hf_dir!r}") from None
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def write_safetensors_shards(tensors_by_shard: Sequence[Dict[str, torch.Tensor]], out_dir: str,
+                             *, total_size: Optional[int] = None) -> List[str]:
+    """Write one safetensors file per dict (``model-0000i-of-0000N``) and the index; returns the file names.
+
+    A single dict is written as ``model.safetensors`` with no index, as ``save_pretrained`` does.
+    """
+    from safetensors.torch import save_file
+
+    shards = [s for s in tensors_by_shard if s]
+    if len(shards) == 1:
+        save_file({k: v.contiguous() for k, v in shards[0].items()}, os.path.join(out_dir, SINGLE_FILE),
+                  metadata={"format": "pt"})
+        return [SINGLE_FILE]
+    names, weight_map = [], {}
+    size = 0
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({k: v.contiguous() for k, v in shard.items()}, os.path.join(out_dir, file),
+                  metadata={"format": "pt"})
+        names.append(file)
+        for key, tensor in shard.items():
+            weight_map[key] = file
+            size += tensor.numel() * tensor.element_size()
+    index = {"metadata": {"total_size": total_size if total_size is not None else size},
+             "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
+    return names
+
+
+def list_assets(src_dir: str, patterns: Iterable[str] = ASSET_PATTERNS) -> List[str]:
+    import fnmatch
+
+    if not os.path.isdir(src_dir):
+        return []
+    return sorted(f for f in os.listdir(src_dir)
+                  if os.path.isfile(os.path.join(src_dir, f)) and any(fnmatch.fnmatch(f, p) for p in patterns)
+                  and not f.endswith(".safetensors"))
+
+
+def copy_assets(src_dir: str, dst_dir: str, patterns: Iterable[str] = ASSET_PATTERNS) -> List[str]:
+    """Copy the tokenizer / processor / generation-config files of ``src_dir`` into ``dst_dir``."""
+    files = list_assets(src_dir, patterns)
+    os.makedirs(dst_dir, exist_ok=True)
+    for f in files:
+        shutil.copy2(os.path.join(src_dir, f), os.path.join(dst_dir, f))
+    return files

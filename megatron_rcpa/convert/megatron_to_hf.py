@@ -1,0 +1,180 @@
+"""megatron policy checkpoint -> HF directory (safetensors, config.json, tokenizer/processor files).
+
+:func:`export_hf_tensors` turns a loaded policy stage into HF tensors (gathering TP shards; collective over
+the TP group), usable by a trainer to publish weights without writing a megatron checkpoint first.
+:func:`convert_megatron_to_hf` loads the checkpoint on a TP x PP grid (default 1 x 1), lets the first TP
+rank of every stage write its tensors, then names the files ``model-0000i-of-0000N.safetensors`` (or one
+``model.safetensors``) with ``model.safetensors.index.json``, writes ``config.json`` and copies the assets,
+all in ``<out>.incomplete`` renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import torch
+
+from megatron_rcpa.convert.checkpoint import (
+    ASSETS_DIR,
+    INCOMPLETE_SUFFIX,
+    build_policy_from_checkpoint,
+    read_metadata,
+)
+from megatron_rcpa.convert.errors import ConversionError
+from megatron_rcpa.convert.families import ModelFamily, family_by_name
+from megatron_rcpa.convert.hf_io import INDEX_FILE, SINGLE_FILE
+from megatron_rcpa.convert.weight_maps import Kind, to_hf_tensors
+from megatron_rcpa.models.decoder import parse_dtype
+
+__all__ = ["convert_megatron_to_hf", "export_hf_tensors", "parse_size"]
+
+_TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def parse_size(text: Any) -> int:
+    """'5GB' / '500MB' / '200KB' / 1234 -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*", str(text), flags=re.IGNORECASE)
+    if not m:
+        raise ConversionError(f"cannot parse size {text!r} (examples: 5GB, 500MB, 1048576)")
+    unit = (m.group(2) or "").upper().replace("I", "").rstrip("B")
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}[unit]
+    return int(float(m.group(1)) * scale)
+
+
+@torch.no_grad()
+def export_hf_tensors(policy: torch.nn.Module, family: ModelFamily, hf_config: Any,
+                      dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yield (HF on-disk name, full tensor) for every tensor this stage owns, on TP rank 0 (other TP ranks
+    yield nothing but must iterate too: the TP shards are gathered collectively, in parameter order)."""
+    from megatron.core import parallel_state
+
+    from megatron_rcpa.convert.hf_to_megatron import bind_policy_tensors
+
+    hf_config = family.hf_config(hf_config)
+    layout = family.layout(hf_config, int(policy.padded_vocab_size))
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    group = parallel_state.get_tensor_model_parallel_group()
+    for _name, tensor, tmap, hf_names in bind_policy_tensors(policy, family, hf_config):
+        if not tmap.export:
+            continue
+        local = tensor.detach()
+        if tmap.kind is Kind.REPLICATED or tp_size == 1:
+            shards = [local] * (1 if tmap.kind is Kind.REPLICATED else tp_size)
+        else:
+            shards = [torch.empty_like(local) for _ in range(tp_size)]
+            torch.distributed.all_gather(shards, local.contiguous(), group=group)
+        if tp_rank != 0:
+            continue
+        for hf_name, full in zip(hf_names, to_hf_tensors(tmap.kind, shards, layout=layout)):
+            # A private contiguous copy: never a view of a parameter or of another exported tensor.
+            yield hf_name, full.to(device="cpu", dtype=dtype or full.dtype).clone(memory_format=torch.contiguous_format)
+
+
+def _export_rank(ckpt_dir: str, stage_dir: str, dtype_name: Optional[str],
+                 max_shard_bytes: int) -> List[Dict[str, Any]]:
+    """Load the checkpoint at this grid; TP rank 0 of each stage writes its tensors in parts.
+
+    Without ``dtype_name`` every tensor gets back the dtype it had in the original HF checkpoint."""
+    from megatron.core import parallel_state
+    from safetensors.torch import save_file
+
+    policy, meta = build_policy_from_checkpoint(ckpt_dir)
+    family = family_by_name(meta.family)
+    stage = parallel_state.get_pipeline_model_parallel_rank()
+    default = parse_dtype(dtype_name or meta.source_dtype or meta.dtype)
+    per_tensor = {} if dtype_name else {n: parse_dtype(d) for n, d in meta.hf_tensor_dtypes.items()}
+    parts: List[Dict[str, Any]] = []
+    current: Dict[str, torch.Tensor] = {}
+    size = 0
+
+    def flush() -> None:
+        nonlocal current, size
+        if current:
+            file = f"stage{stage:03d}-part{len(parts):05d}.safetensors"
+            save_file(current, os.path.join(stage_dir, file), metadata={"format": "pt"})
+            parts.append({"file": file, "names": sorted(current), "bytes": size})
+            current, size = {}, 0
+
+    for hf_name, tensor in export_hf_tensors(policy, family, meta.hf_config):
+        tensor = tensor.to(per_tensor.get(hf_name, default))
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and size + nbytes > max_shard_bytes:
+            flush()
+        current[hf_name] = tensor
+        size += nbytes
+    flush()
+    return parts
+
+
+def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, dtype: Optional[str] = None, tp: int = 1,
+                           pp: int = 1, max_shard_size: Any = "5GB", overwrite: bool = False,
+                           in_process: bool = False, timeout: float = 3600.0) -> List[str]:
+    """Export a megatron policy checkpoint as an HF directory; returns the safetensors file names.
+
+    ``dtype`` (one dtype for all tensors) defaults to each tensor's dtype in the HF checkpoint it was
+    converted from (else the stored dtype).
+    """
+    from megatron_rcpa.convert.runtime import run_on_layout
+
+    meta = read_metadata(megatron_dir)
+    family_by_name(meta.family)
+    out_dir = os.path.abspath(out_dir.rstrip("/"))
+    if os.path.exists(out_dir) and not overwrite:
+        raise ConversionError(f"output {out_dir!r} already exists (use --overwrite to replace it)")
+    dtype_t = parse_dtype(dtype or meta.source_dtype or meta.dtype)
+    tmp = out_dir + INCOMPLETE_SUFFIX
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        results = run_on_layout(_export_rank, tp=tp, pp=pp,
+                                args=(os.path.abspath(megatron_dir), tmp, dtype, parse_size(max_shard_size)),
+                                timeout=timeout, in_process=in_process)
+        parts = [p for rank_parts in results for p in rank_parts]  # rank order = stage order at TP rank 0
+        files = _name_shards(tmp, parts)
+        config = dict(meta.hf_config)
+        for key in ("dtype", "torch_dtype"):
+            if key in config or key == "dtype":
+                config[key] = _TORCH_DTYPE_NAMES[dtype_t]
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        assets = os.path.join(megatron_dir, ASSETS_DIR)
+        for name in meta.assets:
+            shutil.copy2(os.path.join(assets, name), os.path.join(tmp, name))
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return files
+
+
+def _name_shards(directory: str, parts: List[Dict[str, Any]]) -> List[str]:
+    if not parts:
+        raise ConversionError("the export produced no tensors")
+    seen: Dict[str, str] = {}
+    for part in parts:
+        for name in part["names"]:
+            if name in seen:
+                raise ConversionError(f"internal: HF tensor {name!r} exported twice ({seen[name]}, {part['file']})")
+            seen[name] = part["file"]
+    if len(parts) == 1:
+        os.rename(os.path.join(directory, parts[0]["file"]), os.path.join(directory, SINGLE_FILE))
+        return [SINGLE_FILE]
+    files, weight_map = [], {}
+    for i, part in enumerate(parts):
+        file = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        os.rename(os.path.join(directory, part["file"]), os.path.join(directory, file))
+        files.append(file)
+        weight_map.update({name: file for name in part["names"]})
+    index = {"metadata": {"total_size": sum(p["bytes"] for p in parts)}, "weight_map": dict(sorted(weight_map.items()))}
+    with open(os.path.join(directory, INDEX_FILE), "w") as f:
+        json.dump(index, f, indent=2)
+    return files

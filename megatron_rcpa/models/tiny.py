@@ -1,0 +1,93 @@
+"""Tiny random Qwen2.5-VL checkpoints built from config (no hub), for tests, demos and smoke runs.
+
+    path = save_tiny_qwen2_5_vl("/tmp/tiny", num_key_value_heads=1, tie_word_embeddings=True)
+
+writes ``config.json``, ``model.safetensors`` (sharded with an index when ``max_shard_size`` is given),
+``generation_config.json``, a word-level tokenizer (``tokenizer.json``, ``tokenizer_config.json``) with the
+Qwen2.5-VL special tokens at the config's ids, a ``preprocessor_config.json`` and a ``chat_template.jinja``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+
+__all__ = ["save_tiny_qwen2_5_vl", "tiny_qwen2_5_vl_config"]
+
+# What Qwen2VLImageProcessor.save_pretrained writes (written by hand: that class needs PIL or torchvision).
+_PREPROCESSOR = {
+    "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+    "image_processor_type": "Qwen2VLImageProcessor", "merge_size": 2, "patch_size": 14, "resample": 3,
+    "rescale_factor": 0.00392156862745098, "size": {"longest_edge": 1003520, "shortest_edge": 3136},
+    "temporal_patch_size": 2,
+}
+_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+            "<|image_pad|>", "<|video_pad|>")
+
+
+def tiny_qwen2_5_vl_config(*, vocab_size: int = 301, hidden_size: int = 64, num_layers: int = 2,
+                           num_attention_heads: int = 4, num_key_value_heads: int = 2, intermediate_size: int = 128,
+                           tie_word_embeddings: bool = False, vision_depth: int = 2, vision_hidden_size: int = 32,
+                           mrope_section=(2, 3, 3), rope_theta: float = 10000.0, **overrides: Any):
+    """A Qwen2_5_VLConfig with tiny sizes; the special tokens take the last seven ids of the vocabulary."""
+    from transformers import Qwen2_5_VLConfig
+
+    endoftext, im_start, im_end, vstart, vend, image, video = range(vocab_size - len(_SPECIAL), vocab_size)
+    text = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                num_hidden_layers=num_layers, num_attention_heads=num_attention_heads,
+                num_key_value_heads=num_key_value_heads, max_position_embeddings=1024, rms_norm_eps=1e-6,
+                rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                                 "mrope_section": list(mrope_section)},
+                tie_word_embeddings=tie_word_embeddings, bos_token_id=endoftext, eos_token_id=im_end,
+                pad_token_id=endoftext)
+    vision = dict(depth=vision_depth, hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+                  num_heads=2, out_hidden_size=hidden_size, patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, window_size=56, fullatt_block_indexes=[vision_depth - 1])
+    kwargs = dict(text_config=text, vision_config=vision, image_token_id=image, video_token_id=video,
+                  vision_start_token_id=vstart, vision_end_token_id=vend, tie_word_embeddings=tie_word_embeddings)
+    kwargs.update(overrides)
+    return Qwen2_5_VLConfig(**kwargs)
+
+
+def _save_tokenizer(path: str, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    regular = vocab_size - len(_SPECIAL)
+    vocab = {f"w{i}": i for i in range(regular)}
+    vocab.update({tok: regular + i for i, tok in enumerate(_SPECIAL)})
+    vocab["w0"] = 0
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", eos_token="<|im_end|>",
+                                  pad_token="<|endoftext|>", additional_special_tokens=list(_SPECIAL[1:]))
+    tok.save_pretrained(path)
+    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+        f.write("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}")
+
+
+def save_tiny_qwen2_5_vl(path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                         max_shard_size: Optional[str] = None, with_assets: bool = True, **config_kwargs: Any) -> str:
+    """Build a random tiny Qwen2.5-VL from config and save it (safetensors + assets) under ``path``."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = tiny_qwen2_5_vl_config(**config_kwargs)
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
+    with torch.no_grad():  # make norms and biases non-trivial so that a mix-up shows in the logits
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name or name.endswith("ln_q.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.05 * torch.randn_like(param))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if with_assets:
+        _save_tokenizer(path, config.text_config.vocab_size)
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump(_PREPROCESSOR, f, indent=2)
+    return path

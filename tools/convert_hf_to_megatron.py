@@ -1,0 +1,47 @@
+#!/usr/bin/env python
+"""Convert an HF checkpoint (safetensors, single or sharded) into a megatron_rcpa policy checkpoint.
+
+    python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-VL-3B-Instruct --out ckpt/qwen25vl3b --dtype bf16
+
+The output (megatron dist_checkpointing + rcpa_checkpoint.json + hf_assets/) loads at ANY TP/PP; --tp/--pp
+only choose how many processes share the work (memory). Bad input exits with 2 and names the
+tensor/key/value; a failed conversion leaves no output directory.
+"""
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_rcpa.convert.cli import add_layout_args, run_cli  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--hf-dir", required=True, help="HF model directory (config.json + *.safetensors)")
+    parser.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
+                        help="dtype of the megatron weights (default: the HF tensors' dtype)")
+    parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                        help="pad the vocabulary to a multiple of this (default 128: loads at any power-of-2 TP)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_layout_args(parser, "used for the conversion (the result loads at any TP/PP)")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from megatron_rcpa.convert.hf_to_megatron import convert_hf_to_megatron
+
+        meta = convert_hf_to_megatron(args.hf_dir, args.out, dtype=args.dtype, tp=args.tp, pp=args.pp,
+                                      make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                                      overwrite=args.overwrite, in_process=True, timeout=args.timeout)
+        print(f"wrote {os.path.abspath(args.out)}: family={meta.family} dtype={meta.dtype} "
+              f"vocab={meta.vocab_size} (padded {meta.padded_vocab_size}) assets={meta.assets}")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+#!/usr/bin/env python
+"""Export a megatron_rcpa policy checkpoint as an HF directory (safetensors + index, config, tokenizer/processor).
+
+    python tools/convert_megatron_to_hf.py --megatron-dir ckpt/qwen25vl3b --out hf/qwen25vl3b-rl
+
+``from_pretrained`` loads the result. Tensors are written in the dtype of the HF checkpoint the megatron one
+was converted from unless --dtype says otherwise. Bad input exits with 2 and names what is wrong.
+"""
+
+import argparse
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script from a checkout: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_rcpa.convert.cli import add_layout_args, run_cli  # noqa: E402
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--megatron-dir", required=True, help="megatron_rcpa checkpoint directory")
+    parser.add_argument("--out", required=True, help="output HF directory (must not exist)")
+    parser.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
+                        help="dtype of the HF tensors (default: the original HF checkpoint's)")
+    parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_layout_args(parser, "used to load the checkpoint for the export")
+    args = parser.parse_args(argv)
+
+    def body() -> int:
+        from megatron_rcpa.convert.megatron_to_hf import convert_megatron_to_hf
+
+        files = convert_megatron_to_hf(args.megatron_dir, args.out, dtype=args.dtype, tp=args.tp, pp=args.pp,
+                                       max_shard_size=args.max_shard_size, overwrite=args.overwrite,
+                                       in_process=True, timeout=args.timeout)
+        print(f"wrote {os.path.abspath(args.out)}: {len(files)} safetensors file(s)")
+        return 0
+
+    return run_cli(body)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
