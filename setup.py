@@ -30,10 +30,12 @@ setup(
         "pyyaml",
         "tqdm",
         "safetensors",
-        "transformers>=4.56",
+        "transformers>=5.0",
         "einops",
         "pillow",
         "pyarrow",
+        "tensorboard",
+        "matplotlib",
     ],
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6.100", "ruff>=0.5"],

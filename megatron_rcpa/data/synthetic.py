@@ -162,21 +162,34 @@ def _geometry(seed: int, index: int, size: int) -> Sample:
 _MAKERS = {"counting": _counting, "geometry": _geometry}
 
 
-def make_synthetic_sample(kind: str, index: int, seed: int = 0, image_size: Optional[int] = None) -> Sample:
-    """Sample ``index`` of the synthetic domain ``kind`` (a pure function of its arguments)."""
+REFERENCE_STYLES = ("full", "short")
+
+
+def make_synthetic_sample(kind: str, index: int, seed: int = 0, image_size: Optional[int] = None,
+                          reference_style: str = "full") -> Sample:
+    """Sample ``index`` of the synthetic domain ``kind`` (a pure function of its arguments).
+
+    ``reference_style="short"`` makes the reference just ``\\boxed{answer}`` (the tiny CPU demo, whose
+    model can generate a whole short answer within a few tokens)."""
+    if reference_style not in REFERENCE_STYLES:
+        raise ValueError(f"reference_style = {reference_style!r}: expected one of {REFERENCE_STYLES}")
     if kind not in _MAKERS:
         raise ValueError(f"unknown synthetic kind {kind!r}: expected one of {SYNTHETIC_KINDS}")
     size = DEFAULT_IMAGE_SIZE[kind] if image_size is None else int(image_size)
     if size < 28:
         raise ValueError(f"synthetic image_size = {size}: expected >= 28")
-    return _MAKERS[kind](int(seed), int(index), size)
+    sample = _MAKERS[kind](int(seed), int(index), size)
+    if reference_style == "short":
+        sample.reference = f"\\boxed{{{sample.meta['answer']}}}"
+    return sample
 
 
-def make_synthetic_dataset(kind: str, n: int, seed: int = 0, image_size: Optional[int] = None) -> List[Sample]:
+def make_synthetic_dataset(kind: str, n: int, seed: int = 0, image_size: Optional[int] = None,
+                           reference_style: str = "full") -> List[Sample]:
     """``n`` samples of ``kind`` (``counting`` | ``geometry``), deterministic in ``seed``."""
     if n < 0:
         raise ValueError(f"make_synthetic_dataset n = {n}: expected >= 0")
-    return [make_synthetic_sample(kind, i, seed, image_size) for i in range(n)]
+    return [make_synthetic_sample(kind, i, seed, image_size, reference_style) for i in range(n)]
 
 
 def write_synthetic_jsonl(path: Union[str, os.PathLike], kind: str, n: int, seed: int = 0,

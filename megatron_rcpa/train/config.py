@@ -28,6 +28,7 @@ class RunConfig:
     save_interval: int = 50  # steps between checkpoints; 0 = only at the end
     resume: str = "auto"  # auto (latest checkpoint in output_dir if any) | never | a checkpoint directory
     progress_bar: bool = True
+    kernels: str = "auto"  # triton | torch | auto (Triton kernels on GPU, the plain-torch path on CPU)
 
     def __post_init__(self) -> None:
         o = "run"
@@ -35,6 +36,7 @@ class RunConfig:
         _check_int(o, "log_interval", self.log_interval, 1)
         _check_int(o, "save_interval", self.save_interval, 0)
         _check_int(o, "seed", self.seed, 0)
+        _check_choice(o, "kernels", self.kernels, ("auto", "triton", "torch"))
 
 
 @dataclass
@@ -66,15 +68,18 @@ class DataConfig:
     path: Optional[str] = None  # JSONL, parquet or a saved `datasets` dir; None = synthetic
     synthetic: str = "counting"  # counting | geometry (used when path is None)
     synthetic_size: int = 64
+    synthetic_reference: str = "full"  # full (a line of reasoning + \boxed{}) | short (just \boxed{answer})
     image_size: int = 56
     prompt_key: str = "prompt"
     reference_key: str = "reference"
-    image_key: str = "images"
+    image_key: Optional[str] = None  # None: "images" when present, else "image"
     prompts_per_step: int = 8  # B prompts; B * rcpa.group_size rollouts per step
     shuffle: bool = True
 
     def __post_init__(self) -> None:
         _check_int("data", "synthetic_size", self.synthetic_size, 1)
+        _check_choice("data", "synthetic", self.synthetic, ("counting", "geometry"))
+        _check_choice("data", "synthetic_reference", self.synthetic_reference, ("full", "short"))
         _check_int("data", "image_size", self.image_size, 28)
         _check_int("data", "prompts_per_step", self.prompts_per_step, 1)
 

@@ -112,13 +112,15 @@ def _run_schedule(model, micro: List[Dict[str, torch.Tensor]], loss_factory, for
 
 
 def compute_logprobs(model, micro_batches: List[RolloutBatch], cfg: StepConfig,
-                     forward_fn: ForwardFn = default_forward) -> Optional[List[torch.Tensor]]:
+                     forward_fn: ForwardFn = default_forward,
+                     extras: Optional[List[Dict[str, torch.Tensor]]] = None) -> Optional[List[torch.Tensor]]:
     """Per-token log-probs ``[b, s]`` of every micro-batch's targets (0 off the loss positions), without
-    gradients. Returned on the last pipeline stage; None on the others."""
+    gradients. Returned on the last pipeline stage; None on the others. ``extras[i]`` (e.g. the rows'
+    images) is added to micro-batch i's inputs."""
     from megatron.core import parallel_state as ps
 
     device = next(model.parameters()).device
-    micro = [_as_dict(mb, None, device) for mb in micro_batches]
+    micro = [_as_dict(mb, extras[i] if extras else None, device) for i, mb in enumerate(micro_batches)]
     tp_group = ps.get_tensor_model_parallel_group()
     with torch.no_grad():
         out = _run_schedule(model, micro, partial(_logprob_func, cfg, tp_group), forward_fn, True)
@@ -129,7 +131,8 @@ def compute_logprobs(model, micro_batches: List[RolloutBatch], cfg: StepConfig,
 
 def train_step(model, optimizer, micro_batches: List[RolloutBatch], old_logp: List[torch.Tensor],
                cfg: StepConfig, ref_logp: Optional[List[torch.Tensor]] = None,
-               forward_fn: ForwardFn = default_forward) -> Dict[str, float]:
+               forward_fn: ForwardFn = default_forward,
+               extras: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict[str, float]:
     """Forward+backward over all micro-batches and one optimizer step. ``model`` is megatron's DDP-wrapped
     policy and ``optimizer`` from ``get_megatron_optimizer``. Returns the batch metrics (summed over
     micro-batches and data-parallel ranks, i.e. global means) plus grad_norm / update_ok on every rank."""
@@ -142,7 +145,7 @@ def train_step(model, optimizer, micro_batches: List[RolloutBatch], old_logp: Li
     last = ps.is_pipeline_last_stage()
     micro = []
     for i, mb in enumerate(micro_batches):
-        extra = {}
+        extra = dict(extras[i]) if extras else {}
         if last:  # only the last stage reads the per-token inputs of the loss
             extra["old_logp"] = old_logp[i]
             if ref_logp is not None:

@@ -1,0 +1,66 @@
+"""Images -> Qwen2.5-VL vision inputs (flattened patches + grid), as transformers' Qwen2VLImageProcessor lays
+them out, without torchvision.
+
+An image is resized so both sides are multiples of ``patch_size * merge_size`` (28), normalised with the
+CLIP mean/std, repeated ``temporal_patch_size`` times (a still image is a 2-frame clip), and cut into
+``grid_t * grid_h * grid_w`` patches of ``C * T * P * P`` values in the processor's order (2x2 merge windows
+contiguous). The prompt holds ``grid_h * grid_w / merge_size**2`` image tokens per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass(frozen=True)
+class VisionSpec:
+    patch_size: int = 14
+    merge_size: int = 2
+    temporal_patch_size: int = 2
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> VisionSpec:
+        v = hf_config.vision_config
+        return cls(int(v.patch_size), int(v.spatial_merge_size), int(v.temporal_patch_size))
+
+
+def image_to_patches(image, spec: VisionSpec = VisionSpec()) -> Tuple[torch.Tensor, Tuple[int, int, int]]:
+    """A PIL image -> (patches [grid_t*grid_h*grid_w, C*T*P*P] float32, (grid_t, grid_h, grid_w))."""
+    from PIL import Image
+
+    unit = spec.patch_size * spec.merge_size
+    image = image.convert("RGB")
+    w, h = image.size
+    new_w, new_h = max(unit, round(w / unit) * unit), max(unit, round(h / unit) * unit)
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+    x = np.asarray(image, dtype=np.float32) / 255.0  # [H, W, C]
+    x = (x - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    x = np.transpose(x, (2, 0, 1))[None]  # [1, C, H, W]
+    x = np.repeat(x, spec.temporal_patch_size, axis=0)  # [T, C, H, W]
+    c, p, m, t = x.shape[1], spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    gh, gw = new_h // p, new_w // p
+    x = x.reshape(1, t, c, gh // m, m, p, gw // m, m, p)
+    x = x.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
+    patches = torch.from_numpy(np.ascontiguousarray(x.reshape(gh * gw, c * t * p * p)))
+    return patches, (1, gh, gw)
+
+
+def images_to_inputs(images: Sequence, spec: VisionSpec = VisionSpec()) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """Several images -> (pixel_values [sum patches, D], image_grid_thw [N, 3], image tokens per image)."""
+    if not images:
+        raise ValueError("images_to_inputs: no images")
+    parts, grids, ntok = [], [], []
+    for img in images:
+        patches, grid = image_to_patches(img, spec)
+        parts.append(patches)
+        grids.append(grid)
+        ntok.append(grid[1] * grid[2] // spec.merge_size**2)
+    return torch.cat(parts), torch.tensor(grids, dtype=torch.long), ntok

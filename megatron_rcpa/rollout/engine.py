@@ -1,0 +1,154 @@
+"""In-process rollouts on the training policy (RCPA_SPEC section 2): no weight copy, same TP/PP layout.
+
+For each prompt i the engine feeds ``prompt ⊕ y*_{1..k_i}`` (the curriculum's forced prefix) and samples G
+continuations with temperature / top-p until EOS, a stop string or ``max_new_tokens``. Rows are batched
+(left-padded) and decoded incrementally on the policy's KV cache:
+
+- PP = 1: the policy is called directly (prefill, then one token per step); logits come TP-gathered and
+  every TP rank draws the same tokens from a generator seeded by (seed, step, data-parallel rank).
+- PP > 1: each prefill/decode call goes through megatron's schedule (forward only); every stage keeps its
+  own cache; the last stage samples and broadcasts the tokens and their log-probs to the other stages.
+
+The policy interface is :class:`megatron_rcpa.models.qwen2_5_vl.Qwen2_5_VLPolicy`'s ``forward(input_ids,
+attention_mask=, pixel_values=, image_grid_thw=, kv_cache=)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, List, Optional, Sequence
+
+import torch
+
+from .batch import Rollout
+from .sampling import StopChecker, sample_next_tokens
+
+
+@dataclass
+class PromptInput:
+    key: Hashable  # identifies the prompt across steps (the curriculum's per-prompt difficulty)
+    prompt_ids: List[int]  # chat-formatted prompt incl. image tokens, ending where the response starts
+    pixel_values: Optional[torch.Tensor] = None  # [patches, D] of this prompt's images
+    image_grid_thw: Optional[torch.Tensor] = None  # [images, 3]
+    reference: Optional[str] = None
+    reference_ids: Optional[List[int]] = None
+    meta: dict = field(default_factory=dict)
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 64
+
+
+class RolloutEngine:
+    def __init__(self, policy, *, vocab_size: int, pad_id: int, stop: StopChecker, params: SamplingParams,
+                 seed: int = 0, max_rows: int = 64, banned_token_ids: Sequence[int] = ()) -> None:
+        self.policy = policy
+        self.vocab_size = int(vocab_size)
+        self.pad_id = int(pad_id)
+        self.stop = stop
+        self.params = params
+        self.seed = int(seed)
+        self.max_rows = int(max_rows)
+        # Never sampled: image/video placeholders and other structural tokens would make the sequence
+        # ill-formed for the policy's forward (an image token without an image). Masking them shifts the
+        # sampling distribution slightly; the logged rollout-vs-training log-prob mismatch shows by how much.
+        self.banned = sorted({int(t) for t in banned_token_ids})
+
+    # ------------------------------------------------------------------------------------------ public
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[PromptInput], prefix_lens: Sequence[int], group_size: int,
+                 step: int, dp_rank: int = 0) -> List[Rollout]:
+        """G rollouts per prompt (consecutive, prompt order kept), each starting with its forced prefix."""
+        rows = []
+        for i, (p, k) in enumerate(zip(prompts, prefix_lens)):
+            if k and (p.reference_ids is None or k > len(p.reference_ids)):
+                raise ValueError(f"prompt {p.key!r}: forced prefix of {k} tokens but the reference has "
+                                 f"{0 if p.reference_ids is None else len(p.reference_ids)}")
+            prefix = list(p.reference_ids[:k]) if k else []
+            rows += [(i, prefix)] * group_size
+        device = self._device()
+        gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step * 1_009 + dp_rank)
+        out: List[Rollout] = []
+        chunk = max(group_size, (self.max_rows // group_size) * group_size)
+        for start in range(0, len(rows), chunk):
+            out += self._generate_rows(prompts, rows[start:start + chunk], gen, device)
+        return out
+
+    # ---------------------------------------------------------------------------------------- internals
+    def _device(self) -> torch.device:
+        return next(self.policy.parameters()).device
+
+    def _forward(self, cache, **inputs) -> Optional[torch.Tensor]:
+        """Last-position logits [B, V] on the last stage (None on other stages)."""
+        from megatron.core import parallel_state as ps
+
+        if ps.get_pipeline_model_parallel_world_size() == 1:
+            return self.policy(kv_cache=cache, **inputs)[:, -1, : self.vocab_size].float()
+        from megatron_rcpa.models.pipeline import pipeline_forward
+
+        b, s = inputs["input_ids"].shape
+        outs = pipeline_forward(self.policy, [dict(inputs, kv_cache=cache)], seq_length=s, micro_batch_size=b)
+        return None if outs is None else outs[0][:, -1, : self.vocab_size].float()
+
+    def _sample(self, logits: Optional[torch.Tensor], batch: int, gen, device):
+        from megatron.core import parallel_state as ps
+
+        p = self.params
+        if logits is not None:
+            if self.banned:
+                logits = logits.clone()
+                logits[:, self.banned] = float("-inf")
+            tok, lp = sample_next_tokens(logits, temperature=p.temperature, top_p=p.top_p, generator=gen)
+        else:
+            tok = torch.zeros(batch, dtype=torch.long, device=device)
+            lp = torch.zeros(batch, dtype=torch.float32, device=device)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            src = ps.get_pipeline_model_parallel_last_rank()
+            group = ps.get_pipeline_model_parallel_group()
+            packed = torch.stack([tok.double(), lp.double()])
+            torch.distributed.broadcast(packed, src=src, group=group)
+            tok, lp = packed[0].long(), packed[1].float()
+        return tok, lp
+
+    def _generate_rows(self, prompts, rows, gen, device) -> List[Rollout]:
+        seqs = [prompts[i].prompt_ids + prefix for i, prefix in rows]
+        b, width = len(seqs), max(len(s) for s in seqs)
+        tokens = torch.full((b, width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((b, width), dtype=torch.long)
+        for r, s in enumerate(seqs):  # left padding: every row's next token lands in the same column
+            tokens[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[r, width - len(s):] = 1
+        pv = [prompts[i].pixel_values for i, _ in rows if prompts[i].pixel_values is not None]
+        grids = [prompts[i].image_grid_thw for i, _ in rows if prompts[i].image_grid_thw is not None]
+        inputs = dict(input_ids=tokens.to(device), attention_mask=mask.to(device))
+        if pv:
+            inputs["pixel_values"] = torch.cat(pv).to(device)
+            inputs["image_grid_thw"] = torch.cat(grids).to(device)
+
+        from megatron_rcpa.models.inference import KVCache
+
+        max_new = self.params.max_new_tokens
+        cache = KVCache(b, width + max_new)
+        logits = self._forward(cache, **inputs)
+        completions: List[List[int]] = [[] for _ in range(b)]
+        logps: List[List[float]] = [[] for _ in range(b)]
+        done = [False] * b
+        for t in range(max_new):
+            tok, lp = self._sample(logits, b, gen, device)
+            tok_l, lp_l = tok.tolist(), lp.tolist()
+            for r in range(b):
+                if not done[r]:
+                    completions[r].append(tok_l[r])
+                    logps[r].append(lp_l[r])
+                    done[r] = self.stop.is_done(completions[r])
+            if all(done) or t + 1 == max_new:
+                break
+            step_in = torch.tensor([self.pad_id if d else x for d, x in zip(done, tok_l)], dtype=torch.long)
+            logits = self._forward(cache, input_ids=step_in[:, None].to(device),
+                                   attention_mask=torch.ones(b, 1, dtype=torch.long, device=device))
+        return [Rollout(prompt_id=i, prompt_tokens=list(prompts[i].prompt_ids), prefix_tokens=list(prefix),
+                        generated_tokens=completions[r], rollout_logp=logps[r], finished=done[r])
+                for r, (i, prefix) in enumerate(rows)]

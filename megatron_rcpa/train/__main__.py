@@ -1,0 +1,5 @@
+import sys
+
+from megatron_rcpa.train.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""``rcpa-train``: run RCPA training from a YAML config plus ``key=value`` overrides.
+
+    rcpa-train --config examples/configs/tiny_cpu.yaml run.steps=10 rcpa.loss.beta=0.01
+    torchrun --nproc_per_node 8 -m megatron_rcpa.train --config my.yaml parallel.tp=8
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+from megatron_rcpa.train.config import describe_options, load_config
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="rcpa-train",
+        description="Reinforced Curriculum Pre-Alignment (RCPA) training of a Megatron-Core VLM policy. "
+                    "Options come from --config (YAML) and are overridden by key=value arguments; every "
+                    "option and its default is listed below. Runs as one process, or under torchrun "
+                    "(world size = parallel.tp x parallel.pp x data parallel).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="options (key = default  (type)):\n" + describe_options(),
+    )
+    p.add_argument("--config", help="YAML config file (sections: run, model, parallel, data, rollout, optim, "
+                                    "reward, logging, rcpa)")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. run.steps=10 rcpa.loss.beta=0.01")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rcpa-train: error: {e}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        return 0
+    from megatron_rcpa.train.trainer import run
+
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

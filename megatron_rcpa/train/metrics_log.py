@@ -1,0 +1,122 @@
+"""Where a run's metrics go: ``<output_dir>/metrics.jsonl`` (one JSON object per step, what ``rcpa-plot``
+reads), one compact line per step on stdout, a tqdm progress bar with ETA, TensorBoard events
+(``<output_dir>/tensorboard``) and, when enabled, Weights & Biases (offline unless WANDB_MODE says
+otherwise). Only one rank logs (a last pipeline stage rank, which holds the loss metrics)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from typing import Dict, Optional
+
+COMPACT = [("reward", "rew", ".3f"), ("reward_probe", "probe", ".3f"), ("familiarity", "fam", ".3f"),
+           ("rho", "rho", ".3f"), ("mean_k_over_l", "k/L", ".2f"), ("zero_var_frac", "zv", ".2f"),
+           ("loss", "loss", ".4f"), ("imit_nll", "imit", ".3f"), ("entropy", "ent", ".3f"),
+           ("clip_frac_high", "clip+", ".3f"), ("grad_norm", "gn", ".3f"), ("time_step", "s", ".1f")]
+
+
+def compact_line(step: int, total: int, m: Dict[str, float]) -> str:
+    parts = [f"step {step}/{total}", f"[{m.get('phase_name', '?')}]"]
+    for key, short, fmt in COMPACT:
+        v = m.get(key)
+        if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+            parts.append(f"{short}={v:{fmt}}")
+    return " ".join(parts)
+
+
+class MetricsLogger:
+    def __init__(self, cfg, enabled: bool = True) -> None:
+        self.cfg = cfg
+        self.enabled = enabled
+        self.total = cfg.run.steps
+        self._bar = None
+        self._tb = None
+        self._wandb = None
+        self._jsonl = None
+        if not enabled:
+            return
+        out = cfg.run.output_dir
+        os.makedirs(out, exist_ok=True)
+        self._jsonl = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8")
+        with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+        if cfg.logging.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package (a dependency)
+
+            self._tb = SummaryWriter(os.path.join(out, "tensorboard"))
+        if cfg.logging.wandb:
+            try:
+                import wandb
+            except ImportError as e:
+                raise ImportError("logging.wandb=true needs the wandb package: pip install wandb") from e
+            os.environ.setdefault("WANDB_MODE", "offline")
+            self._wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name, dir=out,
+                                     config=cfg.to_dict())
+
+    def info(self, text: str) -> None:
+        if self.enabled:
+            self._write(text)
+
+    def _write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text)
+        else:
+            print(text, flush=True)
+
+    def start(self, step: int) -> None:
+        if self.enabled and self.cfg.run.progress_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=self.total, initial=step, desc=self.cfg.run.name, unit="step",
+                             file=sys.stderr, dynamic_ncols=True)
+
+    def log(self, step: int, metrics: Dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": step, **{k: v for k, v in metrics.items()}}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        if step % self.cfg.run.log_interval == 0 or step == self.total:
+            self._write(compact_line(step, self.total, metrics))
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+        if self._bar is not None:
+            self._bar.update(1)
+            self._bar.set_postfix(reward=f"{numeric.get('reward', float('nan')):.3f}",
+                                  rho=f"{numeric.get('rho', float('nan')):.2f}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+
+
+def read_metrics(run_dir: str, path: Optional[str] = None):
+    """The records of ``<run_dir>/metrics.jsonl``; a resumed run's repeated steps keep the last record."""
+    path = path or os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} not found: is {run_dir!r} an rcpa-train output_dir?")
+    by_step = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path}:{n}: not JSON ({e})") from e
+            by_step[rec["step"]] = rec
+    return [by_step[k] for k in sorted(by_step)]
