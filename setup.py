@@ -37,8 +37,15 @@ setup(
         "tensorboard",
         "matplotlib",
     ],
+    entry_points={
+        "console_scripts": [
+            "rcpa-train=megatron_rcpa.train.cli:main",
+            "rcpa-plot=megatron_rcpa.train.plot:main",
+        ],
+    },
     extras_require={
         "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6.100", "ruff>=0.5"],
+        "wandb": ["wandb"],
         # GPU images (NGC PyTorch) already ship these; listed so `pip install .[gpu]` documents them.
         "gpu": ["transformer-engine[pytorch]"],
     },
