@@ -73,8 +73,13 @@ class RolloutEngine:
         gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step * 1_009 + dp_rank)
         out: List[Rollout] = []
         chunk = max(group_size, (self.max_rows // group_size) * group_size)
-        for start in range(0, len(rows), chunk):
-            out += self._generate_rows(prompts, rows[start:start + chunk], gen, device)
+        was_training = self.policy.training
+        self.policy.eval()  # inference mode (megatron 0.16's KV-cache path requires it without TE)
+        try:
+            for start in range(0, len(rows), chunk):
+                out += self._generate_rows(prompts, rows[start:start + chunk], gen, device)
+        finally:
+            self.policy.train(was_training)
         return out
 
     # ---------------------------------------------------------------------------------------- internals
