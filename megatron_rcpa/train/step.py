@@ -162,12 +162,11 @@ def train_step(model, optimizer, micro_batches: List[RolloutBatch], old_logp: Li
     keys = sorted(outputs[0]) if last and outputs else []
     # every rank joins the same reductions: last-stage ranks hold values, others zeros, summed over PP too
     names = _broadcast_keys(keys)
-    vec = torch.zeros(len(names), dtype=torch.float64)
+    vec = torch.zeros(len(names), dtype=torch.float64, device=device)
     if last:
         for o in outputs:
-            vec += torch.stack([o[k].detach().double().reshape(()) for k in names])
+            vec += torch.stack([o[k].detach().to(device=device, dtype=torch.float64).reshape(()) for k in names])
     if torch.distributed.is_initialized():
-        vec = vec.to(device)
         torch.distributed.all_reduce(vec, group=dp_group)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             torch.distributed.all_reduce(vec, group=ps.get_pipeline_model_parallel_group())
