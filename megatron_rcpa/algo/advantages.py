@@ -85,21 +85,11 @@ def group_statistics(rewards: torch.Tensor, group_ids: torch.Tensor):
     return r64, unique_ids, index, size, mean, std, gmax == gmin
 
 
-def compute_advantages(
-    rewards: torch.Tensor,
-    group_ids: Optional[torch.Tensor] = None,
-    *,
-    estimator: str = "grpo",
-    eps: float = 1e-6,
-    batch_std: bool = False,
-    group_size: Optional[int] = None,
-) -> AdvantageResult:
-    """Advantages of a packed batch of rollouts.
-
-    rewards: [N] rewards, one per rollout. group_ids: [N] integer group (prompt) id per rollout, in any
-    order; when None, ``group_size`` consecutive rollouts form a group. Computed in float64.
-    """
-    AdvantageConfig(estimator=estimator, eps=eps, batch_std=batch_std)  # validates
+def validate_inputs(rewards: torch.Tensor, group_ids: Optional[torch.Tensor], estimator: str, eps: float,
+                    batch_std: bool, group_size: Optional[int]) -> torch.Tensor:
+    """Check the inputs of an advantage computation (errors name the bad value); return the group ids
+    (``group_size`` consecutive rollouts per group when ``group_ids`` is None). Shared with the kernel."""
+    AdvantageConfig(estimator=estimator, eps=eps, batch_std=batch_std)  # validates, names the bad field
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
     if not torch.isfinite(rewards).all():
@@ -114,7 +104,25 @@ def compute_advantages(
         raise ValueError(f"group_ids shape {tuple(group_ids.shape)} != rewards shape {tuple(rewards.shape)}")
     if group_ids.is_floating_point():
         raise ValueError(f"group_ids must be integers, got dtype {group_ids.dtype}")
+    return group_ids
 
+
+def compute_advantages(
+    rewards: torch.Tensor,
+    group_ids: Optional[torch.Tensor] = None,
+    *,
+    estimator: str = "grpo",
+    eps: float = 1e-6,
+    batch_std: bool = False,
+    group_size: Optional[int] = None,
+) -> AdvantageResult:
+    """Advantages of a packed batch of rollouts.
+
+    rewards: [N] rewards, one per rollout. group_ids: [N] integer group (prompt) id per rollout, in any
+    order; when None, ``group_size`` consecutive rollouts form a group. Computed in float64.
+    """
+    group_ids = validate_inputs(rewards, group_ids, estimator, eps, batch_std, group_size)
+    n = rewards.numel()
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     if n == 0:
         empty = rewards.new_zeros(0, dtype=out_dtype)

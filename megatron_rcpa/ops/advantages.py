@@ -16,8 +16,7 @@ from typing import Optional
 
 import torch
 
-from ..algo.advantages import ESTIMATORS, AdvantageResult, compute_advantages
-from ..algo.config import AdvantageConfig
+from ..algo.advantages import ESTIMATORS, AdvantageResult, compute_advantages, validate_inputs
 from ._triton_utils import interpreter_active, resolve_impl, tl, triton
 
 Tensor = torch.Tensor
@@ -82,26 +81,6 @@ if triton is not None:
         tl.store(zv_ptr + g, zero_var.to(tl.uint8))
 
 
-def _validate(rewards: Tensor, group_ids: Optional[Tensor], estimator: str, eps: float, batch_std: bool,
-              group_size: Optional[int]) -> Tensor:
-    AdvantageConfig(estimator=estimator, eps=eps, batch_std=batch_std)  # validates, names the bad field
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D [N], got shape {tuple(rewards.shape)}")
-    n = rewards.numel()
-    if group_ids is None:
-        if group_size is None or group_size < 1 or n % group_size:
-            raise ValueError(f"without group_ids, group_size must divide N = {n}; got group_size = {group_size}")
-        group_ids = torch.arange(n, device=rewards.device) // group_size
-    if group_ids.shape != rewards.shape:
-        raise ValueError(f"group_ids shape {tuple(group_ids.shape)} != rewards shape {tuple(rewards.shape)}")
-    if group_ids.is_floating_point():
-        raise ValueError(f"group_ids must be integers, got dtype {group_ids.dtype}")
-    if not torch.isfinite(rewards).all():
-        bad = torch.nonzero(~torch.isfinite(rewards)).flatten()[:5].tolist()
-        raise ValueError(f"rewards contain NaN/inf at rollout index {bad}")
-    return group_ids
-
-
 def group_advantages(
     rewards: Tensor,
     group_ids: Optional[Tensor] = None,
@@ -124,7 +103,7 @@ def group_advantages(
     if impl == "torch":
         return compute_advantages(rewards, group_ids, estimator=estimator, eps=eps, batch_std=batch_std,
                                   group_size=group_size)
-    group_ids = _validate(rewards, group_ids, estimator, eps, batch_std, group_size)
+    group_ids = validate_inputs(rewards, group_ids, estimator, eps, batch_std, group_size)
     n = rewards.numel()
     if n == 0:
         return compute_advantages(rewards, group_ids, estimator=estimator, eps=eps, batch_std=batch_std)
