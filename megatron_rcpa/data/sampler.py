@@ -106,9 +106,10 @@ class PromptSampler:
 
     def next_batch(self) -> List[Any]:
         """This rank's samples of the next global batch (unloadable ones replaced, see the module docstring)."""
-        return [self._load(i) for i in self.next_indices()]
+        return [self.load(i) for i in self.next_indices()]
 
-    def _load(self, i: int) -> Any:
+    def load(self, i: int) -> Any:
+        """Sample i, or (deterministically) the next loadable one if its image cannot be read."""
         for k in range(self.num_samples):
             j = (i + k) % self.num_samples
             if j in self.unloadable:

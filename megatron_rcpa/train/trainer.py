@@ -231,9 +231,14 @@ class Trainer:
             use_distributed_optimizer=cfg.parallel.distributed_optimizer), [self.model])
         policy.config.finalize_model_grads_func = finalize_model_grads
         self.reference = None
-        if cfg.rcpa.loss.beta > 0:  # frozen reference = the initial policy
+        if cfg.rcpa.loss.beta > 0:  # frozen reference: model.reference_checkpoint, else the initial policy
             self.reference = build_policy(cfg, self.hf_config)
-            self.reference.load_state_dict(policy.state_dict())
+            if cfg.model.reference_checkpoint:
+                from megatron_rcpa.convert.checkpoint import load_checkpoint
+
+                load_checkpoint(self.reference, cfg.model.reference_checkpoint)
+            else:
+                self.reference.load_state_dict(policy.state_dict())
             self.reference.eval().requires_grad_(False)
         self.dataset = build_dataset(cfg)
         self.sampler = PromptSampler(self.dataset, cfg.data.prompts_per_step, seed=cfg.run.seed,
@@ -322,8 +327,6 @@ class Trainer:
         self.step = int(state["step"])
         self.curriculum.load_state_dict(state["curriculum"])
         self.sampler.load_state_dict(state["sampler"])
-        if self.reference is not None and self.cfg.model.reference_checkpoint:
-            load_checkpoint(self.reference, self.cfg.model.reference_checkpoint)
 
     # -------------------------------------------------------------------------------------------- step
     def train_one_step(self) -> Dict[str, float]:
@@ -335,7 +338,7 @@ class Trainer:
         times: Dict[str, float] = {}
         t0 = time.perf_counter()
         indices = self.sampler.next_global_indices()
-        samples = [self.dataset[i] for i in indices]
+        samples = [self.sampler.load(i) for i in indices]  # an unreadable image: the next loadable sample
         prompts = [self.format(s) for s in samples]
         keys = [str(s.id) for s in samples]
         lengths = [len(p.reference_ids) if p.reference_ids is not None else None for p in prompts]
