@@ -116,6 +116,60 @@ QWEN2_5_VL = ModelFamily(
 FAMILIES: Dict[str, ModelFamily] = {QWEN2_5_VL.name: QWEN2_5_VL}
 
 
+# ------------------------------------------------------------------------------ Llama / Qwen2 text LMs
+def _text_family_functions(model_type: str):
+    """(hf_config, decoder_dims, table) of the plain text family ``model_type`` ('llama' | 'qwen2')."""
+
+    def hf_config(config: Any):
+        from megatron_rcpa.models.text_lm import text_lm_hf_config
+
+        if isinstance(config, dict) and config.get("model_type") == model_type:
+            try:
+                return text_lm_hf_config(config, model_type)
+            except ValueError as exc:
+                raise ConversionError(str(exc)) from exc
+        if isinstance(config, dict):
+            from megatron_rcpa.convert.hf_io import load_hf_config
+
+            config = load_hf_config(config)
+        if getattr(config, "model_type", None) != model_type:
+            raise ConversionError(f"expected a {model_type} config, got model_type="
+                                  f"{getattr(config, 'model_type', None)!r}")
+        return config
+
+    def dims(config: Any):
+        from megatron_rcpa.models.text_lm import text_lm_decoder_dims
+
+        return text_lm_decoder_dims(hf_config(config))
+
+    def table(config: Any) -> Tuple[Entry, ...]:
+        d = dims(config)
+        return decoder_tensor_maps(megatron_prefix="language_model.", hf_prefix="model.", lm_head="lm_head.weight",
+                                   qkv_bias=d.qkv_bias, tied=d.tie_word_embeddings)
+
+    return hf_config, dims, table
+
+
+def _text_family(name: str, architecture: str) -> ModelFamily:
+    hf_config, dims, table = _text_family_functions(name)
+    return ModelFamily(
+        name=name,
+        architectures=(architecture,),
+        hf_aliases=(),
+        ignore_hf=(r"\.rotary_emb\.inv_freq$",),
+        table=table,
+        decoder_dims=dims,
+        policy_builder="megatron_rcpa.models.text_lm:build_text_policy",
+        hf_config=hf_config,
+    )
+
+
+LLAMA = _text_family("llama", "LlamaForCausalLM")
+QWEN2 = _text_family("qwen2", "Qwen2ForCausalLM")
+FAMILIES[LLAMA.name] = LLAMA
+FAMILIES[QWEN2.name] = QWEN2
+
+
 def family_by_name(name: str) -> ModelFamily:
     try:
         return FAMILIES[name]

@@ -146,7 +146,12 @@ def patchify_image(image: np.ndarray, *, patch_size: int, merge_size: int, tempo
 
 def build_verification_batch(hf_config: Any, *, asset_dirs: Optional[List[str]] = None,
                              seed: int = 0) -> Dict[str, torch.Tensor]:
-    """input_ids [2, S], pixel_values, image_grid_thw [3, 3], mm_token_type_ids [2, S] (no padding)."""
+    """input_ids [2, S], pixel_values, image_grid_thw [3, 3], mm_token_type_ids [2, S] (no padding);
+    text-only families (no ``vision_config``): input_ids [2, 16] alone."""
+    gen = torch.Generator().manual_seed(seed)
+    if getattr(hf_config, "vision_config", None) is None:
+        vocab = min(int(hf_config.vocab_size), 100_000)
+        return {"input_ids": torch.randint(0, vocab, (2, 16), generator=gen)}
     vc = hf_config.vision_config
     settings = _processor_settings(list(asset_dirs or []))
     merge = vc.spatial_merge_size
@@ -162,7 +167,6 @@ def build_verification_batch(hf_config: Any, *, asset_dirs: Optional[List[str]] 
     text_vocab = min(hf_config.text_config.vocab_size, 100_000)
     special = {hf_config.image_token_id, hf_config.video_token_id, hf_config.vision_start_token_id,
                hf_config.vision_end_token_id}
-    gen = torch.Generator().manual_seed(seed)
 
     def text(n: int) -> List[int]:
         ids = torch.randint(0, text_vocab, (n,), generator=gen).tolist()
@@ -188,8 +192,7 @@ def hf_logits(hf_dir: str, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
     cls = getattr(transformers, config.architectures[0])
     model = cls.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
     with torch.no_grad():
-        out = model(input_ids=batch["input_ids"], pixel_values=batch["pixel_values"],
-                    image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=batch["mm_token_type_ids"])
+        out = model(**batch)
     return out.logits.float()
 
 
@@ -207,8 +210,7 @@ def _verify_rank(megatron_dir: str, hf_dir: str, batch: Dict[str, torch.Tensor])
     family = family_by_name(meta.family)
     device = next(policy.parameters()).device
     ids = batch["input_ids"].to(device)
-    mb = {"input_ids": ids, "pixel_values": batch["pixel_values"].to(device),
-          "image_grid_thw": batch["image_grid_thw"].to(device)}
+    mb = {k: batch[k].to(device) for k in ("input_ids", "pixel_values", "image_grid_thw") if k in batch}
     outputs = pipeline_forward(policy, [mb], seq_length=ids.shape[1], micro_batch_size=ids.shape[0])
     result: Dict[str, Any] = {"logits": None, "tensors": []}
     if outputs is not None:

@@ -1,6 +1,7 @@
 """Megatron-Core VLM policies built from HF configs at any TP/PP.
 
 * :mod:`.qwen2_5_vl` - :func:`build_qwen2_5_vl_policy`, :class:`Qwen2_5_VLPolicy`, :func:`allreduce_vision_grads`
+* :mod:`.text_lm` - :func:`build_text_policy`, :class:`TextLMPolicy` (Llama / Qwen2 text LMs)
 * :mod:`.mrope` - 3-D position ids as transformers computes them (plain torch, no megatron import)
 * :mod:`.decoder` - the shared Qwen2/Llama decoder -> megatron ``TransformerConfig``
 * :mod:`.inference` - :class:`KVCache`, :func:`greedy_generate`, :func:`gather_vocab_logits`
@@ -18,6 +19,9 @@ _EXPORTS = {
     "allreduce_vision_grads": "qwen2_5_vl",
     "PADDED_VOCAB_LOGIT": "qwen2_5_vl",
     "trainer_forward": "qwen2_5_vl",
+    "TextLMPolicy": "text_lm",
+    "build_text_policy": "text_lm",
+    "text_trainer_forward": "text_lm",
     "select_image_rows": "mrope",
     "mrope_position_ids": "mrope",
     "next_positions": "mrope",
