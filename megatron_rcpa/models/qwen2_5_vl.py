@@ -31,7 +31,6 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.module import MegatronModule
 from megatron.core.utils import make_sharded_tensor_for_checkpoint
 
 from megatron_rcpa.models.decoder import (
@@ -41,6 +40,7 @@ from megatron_rcpa.models.decoder import (
     parse_dtype,
 )
 from megatron_rcpa.models.mrope import mrope_position_ids, next_positions, text_position_ids
+from megatron_rcpa.models.policy_base import PADDED_VOCAB_LOGIT, DecoderPolicy
 from megatron_rcpa.models.qwen2_5_vl_config import qwen2_5_vl_decoder_dims, qwen2_5_vl_hf_config
 
 __all__ = [
@@ -53,7 +53,6 @@ __all__ = [
 
 #: Value of the logits of padded vocabulary entries: exp() of it is exactly 0 in fp32/bf16, and unlike -inf
 #: it keeps ``p * log p`` (entropy) finite.
-PADDED_VOCAB_LOGIT = -1.0e4
 
 
 def _build_vision_tower(vision_config: Any, dtype: torch.dtype, attn_implementation: str) -> torch.nn.Module:
@@ -64,7 +63,7 @@ def _build_vision_tower(vision_config: Any, dtype: torch.dtype, attn_implementat
     return Qwen2_5_VisionTransformerPretrainedModel._from_config(vision_config, dtype=dtype)
 
 
-class Qwen2_5_VLPolicy(MegatronModule):
+class Qwen2_5_VLPolicy(DecoderPolicy):
     """Qwen2.5-VL policy (one pipeline stage of it). Build it with :func:`build_qwen2_5_vl_policy`."""
 
     def __init__(self, hf_config: Any, config, *, padded_vocab_size: int, pre_process: bool = True,
@@ -105,16 +104,9 @@ class Qwen2_5_VLPolicy(MegatronModule):
                 param.average_gradients_across_tp_domain = True
 
     # ------------------------------------------------------------------------------------ megatron glue
-    def set_input_tensor(self, input_tensor) -> None:
-        """Pipeline schedules hand the previous stage's activations in here."""
-        self.language_model.set_input_tensor(input_tensor)
-
-    def shared_embedding_or_output_weight(self):
-        return self.language_model.shared_embedding_or_output_weight()
-
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         """The language model's sharded state dict plus the vision tower as replicated tensors."""
-        sharded = self.language_model.sharded_state_dict(prefix=f"{prefix}language_model.", metadata=metadata)
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
         if self.vision_model is not None:
             for name, tensor in self.vision_model.state_dict(keep_vars=True).items():
                 key = f"{prefix}vision_model.{name}"
@@ -157,17 +149,6 @@ class Qwen2_5_VLPolicy(MegatronModule):
                              f"{image_grid_thw.tolist()}")
         emb = emb.transpose(0, 1).masked_scatter(image_mask.unsqueeze(-1), features.to(emb.dtype))
         return emb.transpose(0, 1).contiguous()
-
-    def _mask_padded_vocab(self, logits: torch.Tensor, gathered: bool) -> torch.Tensor:
-        if self.padded_vocab_size == self.vocab_size:
-            return logits
-        width = logits.shape[-1]
-        start = 0 if gathered else parallel_state.get_tensor_model_parallel_rank() * width
-        real = max(0, min(width, self.vocab_size - start))
-        if real == width:
-            return logits
-        pad_cols = torch.arange(width, device=logits.device) >= real
-        return logits.masked_fill(pad_cols, PADDED_VOCAB_LOGIT)
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(
@@ -234,16 +215,7 @@ class Qwen2_5_VLPolicy(MegatronModule):
         )
         if kv_cache is not None:
             kv_cache.context.sequence_len_offset += seq
-        if not self.post_process:
-            return output
-        logits = self._mask_padded_vocab(output, gathered=runtime_gather_output)
-        if labels is not None:
-            if runtime_gather_output:
-                raise ValueError("labels need vocab-parallel logits (runtime_gather_output=False)")
-            return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
-        if loss_fn is not None:
-            return loss_fn(logits)
-        return logits
+        return self._finish(output, gathered=runtime_gather_output, labels=labels, loss_fn=loss_fn)
 
     def _extend_cache(self, kv_cache, input_ids, position_ids, attention_mask, image_grid_thw):
         batch, seq = input_ids.shape

@@ -19,11 +19,10 @@ import copy
 from typing import Any, Callable, Dict, Optional
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.module import MegatronModule
 
 from megatron_rcpa.models.decoder import (
     DecoderDims,
@@ -32,7 +31,8 @@ from megatron_rcpa.models.decoder import (
     pad_vocab_size,
     parse_dtype,
 )
-from megatron_rcpa.models.qwen2_5_vl import PADDED_VOCAB_LOGIT, _attention_mask
+from megatron_rcpa.models.policy_base import DecoderPolicy
+from megatron_rcpa.models.qwen2_5_vl import _attention_mask
 
 __all__ = [
     "TEXT_MODEL_TYPES",
@@ -82,7 +82,7 @@ def text_lm_decoder_dims(hf_config: Any) -> DecoderDims:
     return dims
 
 
-class TextLMPolicy(MegatronModule):
+class TextLMPolicy(DecoderPolicy):
     """A Llama / Qwen2 text LM (one pipeline stage of it). Build it with :func:`build_text_policy`."""
 
     def __init__(self, hf_config: Any, config, *, padded_vocab_size: int, pre_process: bool = True,
@@ -112,26 +112,6 @@ class TextLMPolicy(MegatronModule):
             rotary_percent=1.0,
             rotary_base=dims.rope_theta,
         )
-
-    # ------------------------------------------------------------------------------------ megatron glue
-    def set_input_tensor(self, input_tensor) -> None:
-        self.language_model.set_input_tensor(input_tensor)
-
-    def shared_embedding_or_output_weight(self):
-        return self.language_model.shared_embedding_or_output_weight()
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        return self.language_model.sharded_state_dict(prefix=f"{prefix}language_model.", metadata=metadata)
-
-    def _mask_padded_vocab(self, logits: torch.Tensor, gathered: bool) -> torch.Tensor:
-        if self.padded_vocab_size == self.vocab_size:
-            return logits
-        width = logits.shape[-1]
-        start = 0 if gathered else parallel_state.get_tensor_model_parallel_rank() * width
-        real = max(0, min(width, self.vocab_size - start))
-        if real == width:
-            return logits
-        return logits.masked_fill(torch.arange(width, device=logits.device) >= real, PADDED_VOCAB_LOGIT)
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(
@@ -182,16 +162,7 @@ class TextLMPolicy(MegatronModule):
         )
         if kv_cache is not None:
             kv_cache.context.sequence_len_offset += seq
-        if not self.post_process:
-            return output
-        logits = self._mask_padded_vocab(output, gathered=runtime_gather_output)
-        if labels is not None:
-            if runtime_gather_output:
-                raise ValueError("labels need vocab-parallel logits (runtime_gather_output=False)")
-            return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels)
-        if loss_fn is not None:
-            return loss_fn(logits)
-        return logits
+        return self._finish(output, gathered=runtime_gather_output, labels=labels, loss_fn=loss_fn)
 
     @staticmethod
     def _extend_cache(kv_cache, input_ids, attention_mask) -> torch.Tensor:
