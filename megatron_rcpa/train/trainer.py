@@ -355,10 +355,11 @@ class Trainer:
         gathered: List[Any] = [None] * self.dp_size
         torch.distributed.all_gather_object(gathered, local_rewards, group=ps.get_data_parallel_group())
         all_rewards = [x for part in gathered for x in part]
-        rewards_t = torch.tensor(local_rewards, dtype=torch.float32)
-        adv = group_advantages(rewards_t, torch.tensor([r.prompt_id for r in rollouts]),
+        dev = next(self.model.parameters()).device  # the Triton kernel needs the rewards on the GPU
+        rewards_t = torch.tensor(local_rewards, dtype=torch.float32, device=dev)
+        adv = group_advantages(rewards_t, torch.tensor([r.prompt_id for r in rollouts], device=dev),
                                estimator=cfg.rcpa.advantage.estimator, eps=cfg.rcpa.advantage.eps,
-                               batch_std=cfg.rcpa.advantage.batch_std, impl="torch")
+                               batch_std=cfg.rcpa.advantage.batch_std, impl=self.impl)
         batch = pack_rollouts(rollouts, adv.advantages.tolist(), pad_id=self.tok.pad_token_id, pad_to_multiple=8)
         micro = split_micro_batches(batch, min(cfg.optim.micro_batch_size, batch.num_rollouts), g)
         extras = [self._vision_extra(prompts[mine], rollouts, i * micro[0].num_rollouts, m.num_rollouts)
