@@ -10,13 +10,20 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import re
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
 from megatron_rcpa.convert.errors import ConversionError
 from megatron_rcpa.convert.hf_io import normalize_name
-from megatron_rcpa.convert.weight_maps import Entry, LayerLayout, ModuleMap, decoder_tensor_maps
+from megatron_rcpa.convert.weight_maps import (
+    Entry,
+    LayerLayout,
+    ModuleMap,
+    decoder_tensor_maps,
+    mlp_projector_tensor_maps,
+    vit_tensor_maps,
+)
 
 __all__ = ["FAMILIES", "ModelFamily", "family_by_name", "family_for_config"]
 
@@ -42,6 +49,10 @@ class ModelFamily:
     hf_config: Callable[[Any], Any]
     #: The HF output head's on-disk name: absent from (or ignored in) checkpoints of tied models.
     tied_head: str = "lm_head.weight"
+    #: HF config -> extra LayerLayouts by name (TensorMap.layout), besides "decoder".
+    extra_layouts: Optional[Callable[[Any], Dict[str, LayerLayout]]] = None
+    #: (HF config, TP) -> raise ValueError naming a size of the family's own modules TP does not divide.
+    check_tp: Optional[Callable[[Any, int], None]] = None
 
     def build_policy(self, hf_config: Any, **kwargs: Any):
         module, _, fn = self.policy_builder.partition(":")
@@ -51,6 +62,13 @@ class ModelFamily:
         dims = self.decoder_dims(hf_config)
         return LayerLayout(num_attention_heads=dims.num_attention_heads, num_kv_heads=dims.num_kv_heads,
                            head_dim=dims.head_dim, vocab_size=dims.vocab_size, padded_vocab_size=padded_vocab_size)
+
+    def layouts(self, hf_config: Any, padded_vocab_size: int) -> Dict[str, LayerLayout]:
+        """Every layout the family's TensorMaps name: ``"decoder"`` plus the family's own."""
+        out = {"decoder": self.layout(hf_config, padded_vocab_size)}
+        if self.extra_layouts is not None:
+            out.update(self.extra_layouts(self.hf_config(hf_config)))
+        return out
 
     def is_ignored(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.ignore_hf)
@@ -168,6 +186,62 @@ LLAMA = _text_family("llama", "LlamaForCausalLM")
 QWEN2 = _text_family("qwen2", "Qwen2ForCausalLM")
 FAMILIES[LLAMA.name] = LLAMA
 FAMILIES[QWEN2.name] = QWEN2
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA
+def _llava_call(fn_name: str, config: Any):
+    """models.llava.<fn_name>(config), its ValueError turned into a ConversionError."""
+    from megatron_rcpa.models import llava
+
+    if isinstance(config, dict) and config.get("model_type") != "llava":
+        raise ConversionError(f"expected a llava config, got model_type={config.get('model_type')!r}")
+    try:
+        return getattr(llava, fn_name)(config)
+    except ValueError as exc:
+        raise ConversionError(str(exc)) from exc
+
+
+def _llava_table(hf_config: Any) -> Tuple[Entry, ...]:
+    dims = _llava_call("llava_decoder_dims", hf_config)
+    vd = _llava_call("llava_vision_dims", hf_config)
+    decoder = decoder_tensor_maps(megatron_prefix="language_model.", hf_prefix="language_model.model.",
+                                  lm_head="language_model.lm_head.weight", qkv_bias=dims.qkv_bias,
+                                  tied=dims.tie_word_embeddings)
+    return (decoder + vit_tensor_maps(kind=vd.kind, num_layers=vd.num_layers_used)
+            + mlp_projector_tensor_maps(bias=vd.projector_bias)
+            # the tower's tensors LLaVA never reads, kept as frozen buffers for a lossless round trip
+            + (ModuleMap(megatron_prefix="vision_unused.", hf_prefix="vision_tower."),))
+
+
+def _llava_check_tp(hf_config: Any, tp: int) -> None:
+    from megatron_rcpa.models.llava import check_vision_layout
+
+    check_vision_layout(_llava_call("llava_vision_dims", hf_config), tp=tp)
+
+
+def _llava_layouts(hf_config: Any) -> Dict[str, LayerLayout]:
+    vd = _llava_call("llava_vision_dims", hf_config)
+    return {"vision": LayerLayout(num_attention_heads=vd.num_attention_heads, num_kv_heads=vd.num_attention_heads,
+                                  head_dim=vd.head_dim)}
+
+
+LLAVA = ModelFamily(
+    name="llava",
+    architectures=("LlavaForConditionalGeneration",),
+    # transformers-5 in-memory names, and transformers-4 files (CLIP/SigLIP towers under ".vision_model.")
+    hf_aliases=(("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
+                ("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector."),
+                ("vision_tower.vision_model.", "vision_tower.")),
+    ignore_hf=(r"\.rotary_emb\.inv_freq$", r"\.position_ids$"),
+    table=_llava_table,
+    decoder_dims=lambda config: _llava_call("llava_decoder_dims", config),
+    policy_builder="megatron_rcpa.models.llava:build_llava_policy",
+    hf_config=lambda config: _llava_call("llava_hf_config", config),
+    tied_head="language_model.lm_head.weight",
+    extra_layouts=_llava_layouts,
+    check_tp=_llava_check_tp,
+)
+FAMILIES[LLAVA.name] = LLAVA
 
 
 def family_by_name(name: str) -> ModelFamily:

@@ -91,6 +91,8 @@ def plan_hf_to_megatron(hf_dir: str, *, dtype: Optional[str] = None, tp: int = 1
         dims = family.decoder_dims(hf_config)
         padded = pad_vocab_size(dims.vocab_size, make_vocab_size_divisible_by)
         check_parallel_layout(dims, tp=tp, pp=pp, padded_vocab_size=padded)
+        if family.check_tp is not None:
+            family.check_tp(hf_config, tp)
     except ConversionError:
         raise
     except ValueError as exc:
@@ -136,7 +138,7 @@ def plan_hf_to_megatron(hf_dir: str, *, dtype: Optional[str] = None, tp: int = 1
 def _decoder_layer_offset(policy: torch.nn.Module) -> int:
     """Global index of this stage's first decoder layer (megatron's ``layer_number`` is global, 1-based)."""
     for name, module in policy.named_modules():
-        if re.search(r"(^|\.)decoder\.layers\.0$", name) and hasattr(module, "layer_number"):
+        if re.fullmatch(r"language_model\.decoder\.layers\.0", name) and hasattr(module, "layer_number"):
             return int(module.layer_number) - 1
     return 0
 
@@ -153,7 +155,8 @@ def bind_policy_tensors(policy: torch.nn.Module, family: ModelFamily,
     for name, tensor in policy.state_dict(keep_vars=True).items():
         if not isinstance(tensor, torch.Tensor):  # _extra_state
             continue
-        global_name = globalize_layer_index(name, offset)
+        # decoder layers are numbered per stage; the vision tower (first stage only) is not pipelined
+        global_name = globalize_layer_index(name, offset) if name.startswith("language_model.") else name
         if global_name in expanded:
             tmap, hf_names = expanded[global_name]
             bound.append((name, tensor, tmap, hf_names))
@@ -182,14 +185,15 @@ def load_hf_weights(policy: torch.nn.Module, hf_dir: str, *, family: Optional[Mo
         hf_config = load_hf_config(hf_dir)
     hf_config = family.hf_config(hf_config)
     reader = HFCheckpointReader(hf_dir, family.hf_aliases)
-    layout = family.layout(hf_config, int(policy.padded_vocab_size))
+    layouts = family.layouts(hf_config, int(policy.padded_vocab_size))
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     count = 0
     for name, tensor, tmap, hf_names in bind_policy_tensors(policy, family, hf_config):
         sources = [reader.get(n) for n in hf_names]
         try:
-            local = to_megatron_shard(tmap.kind, sources, tp_rank=tp_rank, tp_size=tp_size, layout=layout)
+            local = to_megatron_shard(tmap.kind, sources, tp_rank=tp_rank, tp_size=tp_size,
+                                      layout=layouts[tmap.layout])
         except ValueError as exc:
             raise ConversionError(f"cannot build megatron {name!r} from HF {list(hf_names)}: {exc}") from exc
         if tuple(local.shape) != tuple(tensor.shape):

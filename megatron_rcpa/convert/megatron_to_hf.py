@@ -57,7 +57,7 @@ def export_hf_tensors(policy: torch.nn.Module, family: ModelFamily, hf_config: A
     from megatron_rcpa.convert.hf_to_megatron import bind_policy_tensors
 
     hf_config = family.hf_config(hf_config)
-    layout = family.layout(hf_config, int(policy.padded_vocab_size))
+    layouts = family.layouts(hf_config, int(policy.padded_vocab_size))
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     group = parallel_state.get_tensor_model_parallel_group()
@@ -72,7 +72,7 @@ def export_hf_tensors(policy: torch.nn.Module, family: ModelFamily, hf_config: A
             torch.distributed.all_gather(shards, local.contiguous(), group=group)
         if tp_rank != 0:
             continue
-        for hf_name, full in zip(hf_names, to_hf_tensors(tmap.kind, shards, layout=layout)):
+        for hf_name, full in zip(hf_names, to_hf_tensors(tmap.kind, shards, layout=layouts[tmap.layout])):
             # A private contiguous copy: never a view of a parameter or of another exported tensor.
             yield hf_name, full.to(device="cpu", dtype=dtype or full.dtype).clone(memory_format=torch.contiguous_format)
 

@@ -23,7 +23,11 @@ ROW             the HF tensor                                             column
 VOCAB           HF rows + zero rows up to the padded vocabulary           rows chunk r
 QKV             per query group g: [q heads of g; k_g; v_g] (rows)        query groups chunk r
 GATED_FC1       [gate; up] (rows)                                         [gate chunk r; up chunk r]
+CLASS_TOKEN     the HF [H] vector as [1, 1, H]                            the whole tensor
 ==============  =======================================================  ============================
+
+A TensorMap's ``layout`` names the sizes its QKV transform uses: ``"decoder"`` (the language model's
+heads / KV groups) or another layout the family provides (``"vision"``: the ViT's heads, one group each).
 """
 
 from __future__ import annotations
@@ -42,8 +46,10 @@ __all__ = [
     "TensorMap",
     "decoder_tensor_maps",
     "expand_tensor_maps",
+    "mlp_projector_tensor_maps",
     "to_hf_tensors",
     "to_megatron_shard",
+    "vit_tensor_maps",
 ]
 
 LAYER = "{layer}"
@@ -56,6 +62,7 @@ class Kind(enum.Enum):
     VOCAB = "vocab"
     QKV = "qkv"
     GATED_FC1 = "gated_fc1"
+    CLASS_TOKEN = "class_token"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,6 +73,7 @@ class TensorMap:
     hf: Tuple[str, ...]
     kind: Kind
     export: bool = True  # False for a duplicate that is not written back to HF (a tied output layer)
+    layout: str = "decoder"  # which LayerLayout the QKV transform uses
 
     @property
     def per_layer(self) -> bool:
@@ -93,8 +101,8 @@ class LayerLayout:
     num_attention_heads: int
     num_kv_heads: int
     head_dim: int
-    vocab_size: int
-    padded_vocab_size: int
+    vocab_size: int = 0
+    padded_vocab_size: int = 0
 
 
 def decoder_tensor_maps(*, megatron_prefix: str, hf_prefix: str, lm_head: str, qkv_bias: bool,
@@ -129,6 +137,56 @@ def decoder_tensor_maps(*, megatron_prefix: str, hf_prefix: str, lm_head: str, q
         TensorMap(f"{m}output_layer.weight", (f"{h}embed_tokens.weight",) if tied else (lm_head,), Kind.VOCAB,
                   export=not tied),
     ]
+    return tuple(maps)
+
+
+def vit_tensor_maps(*, kind: str, num_layers: int, megatron_prefix: str = "vision_model.",
+                    hf_prefix: str = "vision_tower.") -> Tuple[TensorMap, ...]:
+    """A CLIP / SigLIP vision tower (HF ``CLIPVisionModel`` / ``SiglipVisionModel``, transformers-5 names)
+    <- megatron ``CLIPViTModel`` on the local ViT spec, its first ``num_layers`` layers (TP-sharded).
+
+    ``kind``: ``"clip"`` (class token, pre-LayerNorm, patch convolution without bias) or ``"siglip"``.
+    Layers are listed one by one (the ``{layer}`` placeholder counts decoder layers).
+    """
+    m, h = megatron_prefix, hf_prefix
+    maps = [
+        TensorMap(f"{m}conv1.weight", (f"{h}embeddings.patch_embedding.weight",), Kind.REPLICATED),
+        TensorMap(f"{m}position_embeddings.weight", (f"{h}embeddings.position_embedding.weight",), Kind.REPLICATED),
+    ]
+    if kind == "clip":
+        maps += [TensorMap(f"{m}class_token", (f"{h}embeddings.class_embedding",), Kind.CLASS_TOKEN),
+                 TensorMap(f"{m}ln_pre.weight", (f"{h}pre_layrnorm.weight",), Kind.REPLICATED),
+                 TensorMap(f"{m}ln_pre.bias", (f"{h}pre_layrnorm.bias",), Kind.REPLICATED)]
+    elif kind == "siglip":
+        maps.append(TensorMap(f"{m}conv1.bias", (f"{h}embeddings.patch_embedding.bias",), Kind.REPLICATED))
+    else:
+        raise ValueError(f"unknown vision tower kind {kind!r}")
+    for i in range(num_layers):
+        ml, hl = f"{m}decoder.layers.{i}.", f"{h}encoder.layers.{i}."
+        attn = f"{hl}self_attn."
+        for p in ("weight", "bias"):
+            row = Kind.ROW if p == "weight" else Kind.REPLICATED  # a row-parallel bias is whole on every rank
+            maps += [
+                TensorMap(f"{ml}input_layernorm.{p}", (f"{hl}layer_norm1.{p}",), Kind.REPLICATED),
+                TensorMap(f"{ml}self_attention.linear_qkv.{p}",
+                          (f"{attn}q_proj.{p}", f"{attn}k_proj.{p}", f"{attn}v_proj.{p}"), Kind.QKV, layout="vision"),
+                TensorMap(f"{ml}self_attention.linear_proj.{p}", (f"{attn}out_proj.{p}",), row),
+                TensorMap(f"{ml}pre_mlp_layernorm.{p}", (f"{hl}layer_norm2.{p}",), Kind.REPLICATED),
+                TensorMap(f"{ml}mlp.linear_fc1.{p}", (f"{hl}mlp.fc1.{p}",), Kind.COLUMN),
+                TensorMap(f"{ml}mlp.linear_fc2.{p}", (f"{hl}mlp.fc2.{p}",), row),
+            ]
+    return tuple(maps)
+
+
+def mlp_projector_tensor_maps(*, bias: bool, megatron_prefix: str = "vision_projection.encoder.",
+                              hf_prefix: str = "multi_modal_projector.") -> Tuple[TensorMap, ...]:
+    """HF ``LlavaMultiModalProjector`` (linear_1, act, linear_2) <- megatron ``MultimodalProjector`` ("mlp")."""
+    m, h = megatron_prefix, hf_prefix
+    maps = [TensorMap(f"{m}linear_fc1.weight", (f"{h}linear_1.weight",), Kind.COLUMN),
+            TensorMap(f"{m}linear_fc2.weight", (f"{h}linear_2.weight",), Kind.ROW)]
+    if bias:
+        maps += [TensorMap(f"{m}linear_fc1.bias", (f"{h}linear_1.bias",), Kind.COLUMN),
+                 TensorMap(f"{m}linear_fc2.bias", (f"{h}linear_2.bias",), Kind.REPLICATED)]
     return tuple(maps)
 
 
@@ -193,6 +251,9 @@ def to_megatron_shard(kind: Kind, hf: Sequence[torch.Tensor], *, tp_rank: int, t
     if kind is Kind.QKV:
         _check(layout.num_kv_heads % tp_size == 0, f"TP={tp_size} does not divide num_kv_heads={layout.num_kv_heads}")
         return _qkv_full(*hf, layout).chunk(tp_size, dim=0)[tp_rank]
+    if kind is Kind.CLASS_TOKEN:
+        _check(hf[0].dim() == 1, f"a class embedding is a vector, got shape {list(hf[0].shape)}")
+        return hf[0].reshape(1, 1, -1)
     if kind is Kind.GATED_FC1:
         gate, up = hf
         _check(gate.shape == up.shape, f"gate {tuple(gate.shape)} and up {tuple(up.shape)} differ")
@@ -220,6 +281,8 @@ def to_hf_tensors(kind: Kind, shards: Sequence[torch.Tensor], *, layout: LayerLa
         return [grouped[:, :q_rows].reshape(nh * hd, *rest),
                 grouped[:, q_rows:q_rows + hd].reshape(ng * hd, *rest),
                 grouped[:, q_rows + hd:].reshape(ng * hd, *rest)]
+    if kind is Kind.CLASS_TOKEN:
+        return [shards[0].reshape(-1)]
     if kind is Kind.GATED_FC1:
         halves = [s.chunk(2, dim=0) for s in shards]
         return [torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)]

@@ -19,7 +19,7 @@ import copy
 from typing import Any, Callable, Dict, Optional
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -88,9 +88,17 @@ class TextLMPolicy(DecoderPolicy):
     def __init__(self, hf_config: Any, config, *, padded_vocab_size: int, pre_process: bool = True,
                  post_process: bool = True, transformer_layer_spec=None) -> None:
         super().__init__(config=config)
-        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         hf_config = text_lm_hf_config(hf_config)
-        dims = text_lm_decoder_dims(hf_config)
+        self._build_language_model(hf_config, text_lm_decoder_dims(hf_config), config,
+                                   padded_vocab_size=padded_vocab_size, pre_process=pre_process,
+                                   post_process=post_process, transformer_layer_spec=transformer_layer_spec)
+        self.vision_model = None  # the VLM policies' attribute, for code that looks for it
+
+    def _build_language_model(self, hf_config: Any, dims: DecoderDims, config, *, padded_vocab_size: int,
+                              pre_process: bool, post_process: bool, transformer_layer_spec=None) -> None:
+        """The Llama / Qwen2 decoder as ``self.language_model`` (a GPTModel with RoPE), and the attributes
+        :class:`~megatron_rcpa.models.policy_base.DecoderPolicy` reads. Shared with the LLaVA policy."""
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.hf_config = hf_config
         self.dims = dims
         self.vocab_size = dims.vocab_size
@@ -98,7 +106,6 @@ class TextLMPolicy(DecoderPolicy):
         self.pre_process = pre_process
         self.post_process = post_process
         self.share_embeddings_and_output_weights = dims.tie_word_embeddings
-        self.vision_model = None  # the VLM policies' attribute, for code that looks for it
         self.language_model = GPTModel(
             config=config,
             transformer_layer_spec=transformer_layer_spec or get_gpt_layer_local_spec(normalization="RMSNorm"),
@@ -140,8 +147,20 @@ class TextLMPolicy(DecoderPolicy):
         """
         if pixel_values is not None or image_grid_thw is not None:
             raise ValueError("a text LM policy takes no pixel_values / image_grid_thw")
+        return self._rope_forward(input_ids, position_ids, attention_mask, labels=labels, loss_fn=loss_fn,
+                                  kv_cache=kv_cache, runtime_gather_output=runtime_gather_output)
+
+    def _rope_forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor],
+                      attention_mask: Optional[torch.Tensor], *, embed: Optional[Callable[[bool], torch.Tensor]] = None,
+                      labels=None, loss_fn=None, kv_cache=None, runtime_gather_output: bool = False):
+        """The decoder pass with RoPE positions 0..S-1 (continuing after a KV cache).
+
+        ``embed(prefill)`` (first stage only), if given, returns the decoder input [S, B, H] instead of the
+        plain token embeddings; ``prefill`` is False for the decode steps after a KV-cache prefill.
+        """
         batch, seq = input_ids.shape
         key_mask = attention_mask
+        prefill = kv_cache is None or kv_cache.seq_len == 0
         if kv_cache is not None:
             runtime_gather_output = True
             start = kv_cache.seq_len
@@ -153,10 +172,17 @@ class TextLMPolicy(DecoderPolicy):
             if position_ids.shape != (batch, seq) or not torch.equal(position_ids.to(expected.device), expected):
                 raise ValueError("position_ids must be None or 0..S-1 per row (continuing after the KV cache): "
                                  "RoPE positions follow the sequence")
+        decoder_input = None
+        if embed is not None and self.pre_process:
+            decoder_input = embed(prefill)
+            if self.config.sequence_parallel:
+                # GPTModel does not scatter a decoder_input it is given (untested here: SP needs TE norms).
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         output = self.language_model(
             input_ids=input_ids,
             position_ids=None,
             attention_mask=_attention_mask(key_mask, seq),
+            decoder_input=decoder_input,
             inference_context=kv_cache.context if kv_cache is not None else None,
             runtime_gather_output=runtime_gather_output,
         )

@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import torch
 
-__all__ = ["save_tiny_qwen2_5_vl", "tiny_qwen2_5_vl_config"]
+__all__ = ["save_tiny_llava", "save_tiny_qwen2_5_vl", "tiny_llava_config", "tiny_qwen2_5_vl_config"]
 
 # What Qwen2VLImageProcessor.save_pretrained writes (written by hand: that class needs PIL or torchvision).
 _PREPROCESSOR = {
@@ -90,4 +90,70 @@ def save_tiny_qwen2_5_vl(path: str, *, seed: int = 0, dtype: torch.dtype = torch
         _save_tokenizer(path, config.text_config.vocab_size)
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
             json.dump(_PREPROCESSOR, f, indent=2)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA
+#: What CLIPImageProcessor / SiglipImageProcessor save, for tiny LLaVA checkpoints (normalisation read by
+#: the parity gate); ``size`` / ``crop_size`` are filled in from the vision config.
+_LLAVA_PREPROCESSOR = {
+    "clip": {"image_processor_type": "CLIPImageProcessor", "do_resize": True, "do_center_crop": True,
+             "do_rescale": True, "rescale_factor": 0.00392156862745098, "do_normalize": True,
+             "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+             "do_convert_rgb": True, "resample": 3},
+    "siglip": {"image_processor_type": "SiglipImageProcessor", "do_resize": True, "do_rescale": True,
+               "rescale_factor": 0.00392156862745098, "do_normalize": True, "image_mean": [0.5, 0.5, 0.5],
+               "image_std": [0.5, 0.5, 0.5], "resample": 3},
+}
+
+
+def tiny_llava_config(*, vision: str = "clip", text: str = "llama", vocab_size: int = 301, hidden_size: int = 64,
+                      num_layers: int = 2, num_attention_heads: int = 4, num_key_value_heads: int = 2,
+                      intermediate_size: int = 128, tie_word_embeddings: bool = False, vision_layers: int = 3,
+                      vision_hidden_size: int = 32, vision_heads: int = 4, image_size: int = 28, patch_size: int = 14,
+                      **overrides: Any):
+    """A LlavaConfig with tiny sizes: a CLIP or SigLIP tower (``vision``) and a Llama or Qwen2 language model
+    (``text``); the image token is the last id of the vocabulary."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, Qwen2Config, SiglipVisionConfig
+
+    vision_cls = {"clip": CLIPVisionConfig, "siglip": SiglipVisionConfig}[vision]
+    text_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[text]
+    vc = vision_cls(hidden_size=vision_hidden_size, intermediate_size=2 * vision_hidden_size,
+                    num_hidden_layers=vision_layers, num_attention_heads=vision_heads, image_size=image_size,
+                    patch_size=patch_size)
+    tc = text_cls(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_attention_heads,
+                  num_key_value_heads=num_key_value_heads, max_position_embeddings=256, rms_norm_eps=1e-6,
+                  tie_word_embeddings=tie_word_embeddings)
+    kwargs = dict(vision_config=vc.to_dict(), text_config=tc.to_dict(), image_token_id=vocab_size - 1,
+                  tie_word_embeddings=tie_word_embeddings, image_seq_length=(image_size // patch_size) ** 2)
+    kwargs.update(overrides)
+    return LlavaConfig(**kwargs)
+
+
+def save_tiny_llava(path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                    max_shard_size: Optional[str] = None, with_assets: bool = True, **config_kwargs: Any) -> str:
+    """Build a random tiny LlavaForConditionalGeneration from config and save it (safetensors, and with
+    ``with_assets`` a ``preprocessor_config.json``) under ``path``."""
+    from transformers import LlavaForConditionalGeneration
+
+    config = tiny_llava_config(**config_kwargs)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).to(dtype).eval()
+    with torch.no_grad():  # non-trivial norms and biases, so that a mix-up shows in the logits
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith(".bias"):
+                param.copy_(0.05 * torch.randn_like(param))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if with_assets:
+        vision = "clip" if config.vision_config.model_type == "clip_vision_model" else "siglip"
+        side = config.vision_config.image_size
+        settings = dict(_LLAVA_PREPROCESSOR[vision], size={"height": side, "width": side})
+        if vision == "clip":
+            settings.update(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
+        with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
+            json.dump(settings, f, indent=2)
     return path
