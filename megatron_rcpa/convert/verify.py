@@ -25,7 +25,8 @@ from megatron_rcpa.convert.errors import ConversionError
 from megatron_rcpa.convert.families import family_by_name
 from megatron_rcpa.convert.hf_io import HFCheckpointReader, load_hf_config
 
-__all__ = ["TensorCheck", "VerificationReport", "build_verification_batch", "patchify_image", "verify_conversion"]
+__all__ = ["TensorCheck", "VerificationReport", "build_verification_batch", "normalize_image", "patchify_image",
+           "verify_conversion"]
 
 DEFAULT_TOLERANCES = {"fp32": (1e-3, 0.99999), "bf16": (1.0, 0.999), "fp16": (1.0, 0.999)}
 
@@ -118,16 +119,10 @@ def _processor_settings(asset_dirs: List[str]) -> Dict[str, Any]:
     return {}
 
 
-def patchify_image(image: np.ndarray, *, patch_size: int, merge_size: int, temporal_patch_size: int,
-                   settings: Optional[Dict[str, Any]] = None) -> Tuple[torch.Tensor, List[int]]:
-    """Qwen2-VL flattened patches of one RGB uint8 image whose sides are multiples of patch*merge
-    (so the processor would not resize it): rescale, normalise, patchify exactly as the HF image processor
-    does. Returns ([h*w, 3*T*P*P] float32, [1, h, w])."""
+def normalize_image(image: np.ndarray, settings: Optional[Dict[str, Any]] = None) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> float32 [3, H, W], rescaled and normalised as an HF image processor with
+    ``settings`` (its ``preprocessor_config.json``; CLIP's mean/std by default) does after resizing."""
     settings = settings or {}
-    height, width, _ = image.shape
-    unit = patch_size * merge_size
-    if height % unit or width % unit:
-        raise ValueError(f"image of {height}x{width} is not a multiple of {unit} on both sides")
     x = image.astype(np.float32)
     if settings.get("do_rescale", True):
         x = x * np.float32(settings.get("rescale_factor", 1 / 255))
@@ -135,7 +130,19 @@ def patchify_image(image: np.ndarray, *, patch_size: int, merge_size: int, tempo
         mean = np.asarray(settings.get("image_mean", _CLIP_MEAN), dtype=np.float32)
         std = np.asarray(settings.get("image_std", _CLIP_STD), dtype=np.float32)
         x = (x - mean) / std
-    x = x.transpose(2, 0, 1)  # C, H, W
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def patchify_image(image: np.ndarray, *, patch_size: int, merge_size: int, temporal_patch_size: int,
+                   settings: Optional[Dict[str, Any]] = None) -> Tuple[torch.Tensor, List[int]]:
+    """Qwen2-VL flattened patches of one RGB uint8 image whose sides are multiples of patch*merge
+    (so the processor would not resize it): rescale, normalise, patchify exactly as the HF image processor
+    does. Returns ([h*w, 3*T*P*P] float32, [1, h, w])."""
+    height, width, _ = image.shape
+    unit = patch_size * merge_size
+    if height % unit or width % unit:
+        raise ValueError(f"image of {height}x{width} is not a multiple of {unit} on both sides")
+    x = normalize_image(image, settings)  # C, H, W
     gh, gw = height // patch_size, width // patch_size
     x = x.reshape(3, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size)
     x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # gh/m, gw/m, m, m, C, P, P
@@ -147,11 +154,14 @@ def patchify_image(image: np.ndarray, *, patch_size: int, merge_size: int, tempo
 def build_verification_batch(hf_config: Any, *, asset_dirs: Optional[List[str]] = None,
                              seed: int = 0) -> Dict[str, torch.Tensor]:
     """input_ids [2, S], pixel_values, image_grid_thw [3, 3], mm_token_type_ids [2, S] (no padding);
-    text-only families (no ``vision_config``): input_ids [2, 16] alone."""
+    LLaVA: input_ids [2, S] and pixel_values [3, 3, H, W]; text-only families (no ``vision_config``):
+    input_ids [2, 16] alone."""
     gen = torch.Generator().manual_seed(seed)
     if getattr(hf_config, "vision_config", None) is None:
         vocab = min(int(hf_config.vocab_size), 100_000)
         return {"input_ids": torch.randint(0, vocab, (2, 16), generator=gen)}
+    if getattr(hf_config, "model_type", None) == "llava":
+        return _llava_batch(hf_config, _processor_settings(list(asset_dirs or [])), gen)
     vc = hf_config.vision_config
     settings = _processor_settings(list(asset_dirs or []))
     merge = vc.spatial_merge_size
@@ -182,6 +192,27 @@ def build_verification_batch(hf_config: Any, *, asset_dirs: Optional[List[str]] 
     input_ids = torch.tensor([row0, row1], dtype=torch.long)
     return {"input_ids": input_ids, "pixel_values": pixel_values, "image_grid_thw": grid,
             "mm_token_type_ids": (input_ids == hf_config.image_token_id).int()}
+
+
+def _llava_batch(hf_config: Any, settings: Dict[str, Any], gen: torch.Generator) -> Dict[str, torch.Tensor]:
+    """Two rows: one image between text; two images (the second at the end). Three synthetic pictures made at
+    the tower's image size (no resize), normalised per ``settings``."""
+    from megatron_rcpa.models.llava import llava_vision_dims
+
+    side = int(hf_config.vision_config.image_size)
+    per_image = llava_vision_dims(hf_config).tokens_per_image
+    pixel_values = torch.stack([torch.from_numpy(normalize_image(_synthetic_image(side, side, k), settings))
+                                for k in (1, 2, 3)])
+    vocab = min(int(hf_config.text_config.vocab_size), 100_000)
+    image = int(hf_config.image_token_id)
+
+    def text(n: int) -> List[int]:
+        return [i if i != image else (i + 7) % vocab for i in torch.randint(0, vocab, (n,), generator=gen).tolist()]
+
+    row0 = text(4) + [image] * per_image + text(5)
+    row1 = text(2) + [image] * per_image + text(3) + [image] * per_image
+    row0 += text(len(row1) - len(row0))
+    return {"input_ids": torch.tensor([row0, row1], dtype=torch.long), "pixel_values": pixel_values}
 
 
 def hf_logits(hf_dir: str, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
@@ -255,6 +286,8 @@ def verify_conversion(hf_dir: str, megatron_dir: str, *, tp: int = 1, pp: int = 
         raise ConversionError(f"{hf_dir!r} and {megatron_dir!r} describe different models (config.json differs)")
     try:
         check_parallel_layout(family.decoder_dims(hf_config), tp=tp, pp=pp, padded_vocab_size=meta.padded_vocab_size)
+        if family.check_tp is not None:
+            family.check_tp(hf_config, tp)
     except ValueError as exc:
         raise ConversionError(str(exc)) from exc
     default_atol, default_cos = DEFAULT_TOLERANCES[meta.dtype]
