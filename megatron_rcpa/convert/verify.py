@@ -211,7 +211,8 @@ def _llava_batch(hf_config: Any, settings: Dict[str, Any], gen: torch.Generator)
 
     row0 = text(4) + [image] * per_image + text(5)
     row1 = text(2) + [image] * per_image + text(3) + [image] * per_image
-    row0 += text(len(row1) - len(row0))
+    row0 += text(max(0, len(row1) - len(row0)))
+    row1 += text(max(0, len(row0) - len(row1)))
     return {"input_ids": torch.tensor([row0, row1], dtype=torch.long), "pixel_values": pixel_values}
 
 

@@ -6,21 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOOLS = os.path.join(REPO, "tools")
-
-
-def run_tool(name, *args, timeout=300):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run([sys.executable, os.path.join(TOOLS, name), *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env, cwd=REPO)
-    return proc.returncode, proc.stdout, proc.stderr
+from megatron_rcpa.testing.tools import run_tool
 
 
 @pytest.fixture(scope="module")
