@@ -9,8 +9,9 @@ continuations with temperature / top-p until EOS, a stop string or ``max_new_tok
 - PP > 1: each prefill/decode call goes through megatron's schedule (forward only); every stage keeps its
   own cache; the last stage samples and broadcasts the tokens and their log-probs to the other stages.
 
-The policy interface is :class:`megatron_rcpa.models.qwen2_5_vl.Qwen2_5_VLPolicy`'s ``forward(input_ids,
-attention_mask=, pixel_values=, image_grid_thw=, kv_cache=)``.
+The policy interface is ``forward(input_ids, attention_mask=, pixel_values=, image_grid_thw=, kv_cache=)`` of
+:class:`~megatron_rcpa.models.qwen2_5_vl.Qwen2_5_VLPolicy`, :class:`~megatron_rcpa.models.llava.LlavaPolicy`
+and :class:`~megatron_rcpa.models.text_lm.TextLMPolicy`.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ from .sampling import StopChecker, sample_next_tokens
 class PromptInput:
     key: Hashable  # identifies the prompt across steps (the curriculum's per-prompt difficulty)
     prompt_ids: List[int]  # chat-formatted prompt incl. image tokens, ending where the response starts
-    pixel_values: Optional[torch.Tensor] = None  # [patches, D] of this prompt's images
-    image_grid_thw: Optional[torch.Tensor] = None  # [images, 3]
+    pixel_values: Optional[torch.Tensor] = None  # [patches, D] of this prompt's images (LLaVA: [images, 3, H, W])
+    image_grid_thw: Optional[torch.Tensor] = None  # [images, 3] (Qwen2.5-VL only)
     reference: Optional[str] = None
     reference_ids: Optional[List[int]] = None
     meta: dict = field(default_factory=dict)
@@ -131,6 +132,7 @@ class RolloutEngine:
         inputs = dict(input_ids=tokens.to(device), attention_mask=mask.to(device))
         if pv:
             inputs["pixel_values"] = torch.cat(pv).to(device)
+        if grids:  # Qwen2.5-VL patches come with their grids; LLaVA images have one fixed size
             inputs["image_grid_thw"] = torch.cat(grids).to(device)
 
         from megatron_rcpa.models.inference import KVCache
