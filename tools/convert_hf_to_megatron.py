@@ -3,6 +3,8 @@
 
     python tools/convert_hf_to_megatron.py --hf-dir Qwen2.5-VL-3B-Instruct --out ckpt/qwen25vl3b --dtype bf16
 
+The model family (Qwen2.5-VL, LLaVA with a CLIP/SigLIP tower, Llama, Qwen2) is read from config.json.
+
 The output (megatron dist_checkpointing + rcpa_checkpoint.json + hf_assets/) loads at ANY TP/PP; --tp/--pp
 only choose how many processes share the work (memory). Bad input exits with 2 and names the
 tensor/key/value; a failed conversion leaves no output directory.

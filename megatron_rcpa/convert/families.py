@@ -1,8 +1,9 @@
 """Model families the converters know: HF architecture -> parameter-name table, policy builder, aliases.
 
-Adding a family (LLaVA, plain Qwen2/Llama text LMs) is one :class:`ModelFamily` here: its table reuses
-:func:`~megatron_rcpa.convert.weight_maps.decoder_tensor_maps` for the text tower, plus the family's own
-entries (vision tower, projector), and a policy builder in :mod:`megatron_rcpa.models`.
+Families: ``qwen2_5_vl``, ``llava`` (CLIP / SigLIP + Llama / Qwen2), ``llama``, ``qwen2``. Adding one is one
+:class:`ModelFamily` here: its table reuses :func:`~megatron_rcpa.convert.weight_maps.decoder_tensor_maps`
+for the text tower, plus the family's own entries (vision tower, projector), and a policy builder in
+:mod:`megatron_rcpa.models`.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@ a TP/PP layout, plus a per-tensor round trip (megatron -> HF names at that layou
     report = verify_conversion(hf_dir, megatron_dir, tp=2, pp=1)
     print(report.format()); sys.exit(0 if report.passed else 1)
 
-The batch (:func:`build_verification_batch`) has two rows of equal length holding three images of
-different grids (one row with two images), made from deterministic synthetic pictures preprocessed as the
-HF Qwen2-VL image processor does (:func:`patchify_image`, with the normalisation of the checkpoint's
-``preprocessor_config.json``; no PIL/torchvision needed). HF runs in fp32 in this process; megatron runs on
-``tp * pp`` ranks (gloo on CPU, NCCL on GPU) in the checkpoint's dtype.
+The batch (:func:`build_verification_batch`) has two rows of equal length holding three images (one row with
+two images), made from deterministic synthetic pictures: for Qwen2.5-VL of different grids, preprocessed as
+the HF Qwen2-VL image processor does (:func:`patchify_image`); for LLaVA at the tower's image size
+(:func:`normalize_image`); both with the normalisation of the checkpoint's ``preprocessor_config.json``
+(no PIL/torchvision needed). Text families get two rows of random tokens. HF runs in fp32 in this process;
+megatron runs on ``tp * pp`` ranks (gloo on CPU, NCCL on GPU) in the checkpoint's dtype.
 """
 
 from __future__ import annotations

@@ -2,6 +2,7 @@
 
 * :mod:`.qwen2_5_vl` - :func:`build_qwen2_5_vl_policy`, :class:`Qwen2_5_VLPolicy`, :func:`allreduce_vision_grads`
 * :mod:`.text_lm` - :func:`build_text_policy`, :class:`TextLMPolicy` (Llama / Qwen2 text LMs)
+* :mod:`.llava` - :func:`build_llava_policy`, :class:`LlavaPolicy` (CLIP / SigLIP + Llama / Qwen2)
 * :mod:`.mrope` - 3-D position ids as transformers computes them (plain torch, no megatron import)
 * :mod:`.decoder` - the shared Qwen2/Llama decoder -> megatron ``TransformerConfig``
 * :mod:`.inference` - :class:`KVCache`, :func:`greedy_generate`, :func:`gather_vocab_logits`
@@ -22,6 +23,11 @@ _EXPORTS = {
     "TextLMPolicy": "text_lm",
     "build_text_policy": "text_lm",
     "text_trainer_forward": "text_lm",
+    "LlavaPolicy": "llava",
+    "build_llava_policy": "llava",
+    "llava_trainer_forward": "llava",
+    "save_tiny_llava": "tiny",
+    "tiny_llava_config": "tiny",
     "select_image_rows": "mrope",
     "mrope_position_ids": "mrope",
     "next_positions": "mrope",
