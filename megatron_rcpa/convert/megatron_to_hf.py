@@ -139,6 +139,8 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, dtype: Optional[s
         parts = [p for rank_parts in results for p in rank_parts]  # rank order = stage order at TP rank 0
         files = _name_shards(tmp, parts)
         config = dict(meta.hf_config)
+        if not config.get("architectures"):  # a config built in code (a trainer's tiny model) names none
+            config["architectures"] = [family_by_name(meta.family).architectures[0]]
         for key in ("dtype", "torch_dtype"):
             if key in config or key == "dtype":
                 config[key] = _TORCH_DTYPE_NAMES[dtype_t]

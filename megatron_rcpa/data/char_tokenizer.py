@@ -14,9 +14,11 @@ QWEN_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|
 
 
 class CharTokenizer:
-    def __init__(self) -> None:
+    def __init__(self, extra_specials: Sequence[str] = ()) -> None:
+        """``extra_specials`` (e.g. LLaVA's ``"<image>"``) come after the Qwen2.5-VL special tokens."""
         chars = sorted(set(string.printable) - set("\x0b\x0c\r"))
-        self._itos: List[str] = list(chars) + list(QWEN_SPECIALS)
+        self._specials = tuple(QWEN_SPECIALS) + tuple(extra_specials)
+        self._itos: List[str] = list(chars) + list(self._specials)
         self._stoi: Dict[str, int] = {s: i for i, s in enumerate(self._itos)}
         self.eos_token_id = self._stoi["<|im_end|>"]
         self.pad_token_id = self._stoi["<|endoftext|>"]
@@ -27,7 +29,7 @@ class CharTokenizer:
 
     @property
     def special_ids(self) -> Dict[str, int]:
-        return {s: self._stoi[s] for s in QWEN_SPECIALS}
+        return {s: self._stoi[s] for s in self._specials}
 
     def token_id(self, name: str) -> int:
         return self._stoi[name]
@@ -39,7 +41,7 @@ class CharTokenizer:
         return [self._stoi[ch] for ch in text]
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
-        n = len(self._itos) - len(QWEN_SPECIALS)
+        n = len(self._itos) - len(self._specials)
         return "".join(self._itos[i] for i in ids if not (skip_special_tokens and i >= n) and 0 <= i < len(self._itos))
 
 

@@ -1,5 +1,5 @@
 """Images -> Qwen2.5-VL vision inputs (flattened patches + grid), as transformers' Qwen2VLImageProcessor lays
-them out, without torchvision.
+them out, without torchvision; and -> LLaVA's square tensors (:func:`image_to_square`).
 
 An image is resized so both sides are multiples of ``patch_size * merge_size`` (28), normalised with the
 CLIP mean/std, repeated ``temporal_patch_size`` times (a still image is a 2-frame clip), and cut into
@@ -10,7 +10,7 @@ contiguous). The prompt holds ``grid_h * grid_w / merge_size**2`` image tokens p
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -64,3 +64,27 @@ def images_to_inputs(images: Sequence, spec: VisionSpec = VisionSpec()) -> Tuple
         grids.append(grid)
         ntok.append(grid[1] * grid[2] // spec.merge_size**2)
     return torch.cat(parts), torch.tensor(grids, dtype=torch.long), ntok
+
+
+def image_to_square(image, size: int, settings: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+    """A PIL image -> [3, size, size] float32 as a LLaVA (CLIP / SigLIP) image processor makes it: CLIP
+    (``crop_size`` in ``settings``) resizes the short side to ``size`` and crops the centre, SigLIP resizes to
+    ``size`` x ``size``; then rescale and normalise with the settings' mean/std (CLIP's by default)."""
+    from PIL import Image
+
+    settings = settings or {}
+    image = image.convert("RGB")
+    w, h = image.size
+    if "crop_size" in settings:
+        scale = size / min(w, h)
+        new_w, new_h = max(size, round(w * scale)), max(size, round(h * scale))
+        image = image.resize((new_w, new_h), Image.BICUBIC)
+        left, top = (new_w - size) // 2, (new_h - size) // 2
+        image = image.crop((left, top, left + size, top + size))
+    elif (w, h) != (size, size):
+        image = image.resize((size, size), Image.BICUBIC)
+    x = np.asarray(image, dtype=np.float32) * np.float32(settings.get("rescale_factor", 1 / 255))
+    mean = np.asarray(settings.get("image_mean", CLIP_MEAN), dtype=np.float32)
+    std = np.asarray(settings.get("image_std", CLIP_STD), dtype=np.float32)
+    x = (x - mean) / std
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))

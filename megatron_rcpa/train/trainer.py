@@ -28,9 +28,10 @@ import torch
 
 from megatron_rcpa.algo.curriculum import PRE_ALIGNMENT, Curriculum
 from megatron_rcpa.rollout.batch import pack_rollouts
-from megatron_rcpa.rollout.engine import PromptInput, RolloutEngine, SamplingParams
+from megatron_rcpa.rollout.engine import RolloutEngine, SamplingParams
 from megatron_rcpa.rollout.sampling import StopChecker
 from megatron_rcpa.train.config import TrainConfig
+from megatron_rcpa.train.families import adapter_for, build_tokenizer_and_config
 from megatron_rcpa.train.metrics_log import MetricsLogger
 from megatron_rcpa.train.step import StepConfig, compute_logprobs, split_micro_batches, train_step
 
@@ -74,44 +75,24 @@ def init_parallel(cfg: TrainConfig) -> None:
     model_parallel_cuda_manual_seed(cfg.run.seed)
 
 
-def build_tokenizer_and_config(cfg: TrainConfig):
-    """(tokenizer, HF config) of the policy: the checkpoint's, or the built-in tiny demo model's."""
-    if cfg.model.family != "qwen2_5_vl":
-        raise ValueError(f"model.family = {cfg.model.family!r}: the trainer supports 'qwen2_5_vl' so far")
-    if cfg.model.tiny:
-        from megatron_rcpa.data.char_tokenizer import CharTokenizer
-        from megatron_rcpa.models.tiny import tiny_qwen2_5_vl_config
-
-        tok = CharTokenizer()
-        return tok, tiny_qwen2_5_vl_config(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2,
-                                           tie_word_embeddings=True)
-    if not cfg.model.checkpoint:
-        raise ValueError("model.checkpoint is required unless model.tiny=true (convert one with "
-                         "tools/convert_hf_to_megatron.py)")
-    from transformers import AutoTokenizer
-
-    from megatron_rcpa.convert.checkpoint import ASSETS_DIR, read_metadata
-    from megatron_rcpa.data.char_tokenizer import HFTokenizer
-    from megatron_rcpa.models.qwen2_5_vl_config import qwen2_5_vl_hf_config
-
-    meta = read_metadata(cfg.model.checkpoint)
-    tok = HFTokenizer(AutoTokenizer.from_pretrained(os.path.join(cfg.model.checkpoint, ASSETS_DIR)))
-    return tok, qwen2_5_vl_hf_config(meta.hf_config)
-
-
 def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0):
-    from megatron_rcpa.models.qwen2_5_vl import build_qwen2_5_vl_policy
+    """This rank's policy stage: the checkpoint's weights, or (``model.tiny``) weights drawn per tensor from
+    its global name, the same at every TP/PP layout."""
+    from megatron_rcpa.convert.families import family_by_name
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
     if cfg.model.tiny:
         from megatron_rcpa.testing.models import init_global_weights
 
-        policy = build_qwen2_5_vl_policy(hf_config, params_dtype=dtype)
-        # The same weights at every TP/PP layout: each tensor drawn from a generator seeded by its global
-        # name (megatron's own CPU init is not PP-invariant, and tied embedding copies must start equal).
-        init_global_weights(policy.language_model, seed=cfg.run.seed + seed_offset)
-        if policy.vision_model is not None:
-            _init_by_name(policy.vision_model, cfg.run.seed + seed_offset, policy.config.init_method_std)
+        policy = family_by_name(cfg.model.family).build_policy(hf_config, params_dtype=dtype)
+        # (megatron's own CPU init is not PP-invariant, and tied embedding copies must start equal)
+        seed = cfg.run.seed + seed_offset
+        init_global_weights(policy.language_model, seed=seed)
+        if cfg.model.family == "llava" and policy.vision_model is not None:  # megatron modules, TP-sharded
+            init_global_weights(policy.vision_model, seed=seed + 1)
+            init_global_weights(policy.vision_projection, seed=seed + 2)
+        elif policy.vision_model is not None:  # the HF tower, replicated
+            _init_by_name(policy.vision_model, seed, policy.config.init_method_std)
         return policy
     from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint
 
@@ -149,44 +130,6 @@ def build_dataset(cfg: TrainConfig):
     return ds
 
 
-class PromptFormatter:
-    """Sample -> the Qwen2.5-VL chat prompt ids with one image-token run per image, plus vision inputs."""
-
-    def __init__(self, tokenizer, hf_config) -> None:
-        from megatron_rcpa.data.vision import VisionSpec
-
-        self.tok = tokenizer
-        self.spec = VisionSpec.from_hf_config(hf_config)
-        self.ids = {n: tokenizer.token_id(n) for n in ("<|im_start|>", "<|im_end|>", "<|vision_start|>",
-                                                        "<|vision_end|>", "<|image_pad|>")}
-
-    def structural_ids(self):
-        """Token ids a rollout must never sample (image/video placeholders, chat structure, padding)."""
-        ids = set(self.ids.values()) - {self.tok.eos_token_id}
-        ids.add(self.tok.pad_token_id)
-        for name in ("<|video_pad|>",):
-            try:
-                ids.add(self.tok.token_id(name))
-            except (KeyError, ValueError):
-                pass
-        return sorted(ids - {self.tok.eos_token_id})
-
-    def __call__(self, sample) -> PromptInput:
-        from megatron_rcpa.data.vision import images_to_inputs
-
-        e, i = self.tok.encode, self.ids
-        ids = [i["<|im_start|>"]] + e("user\n")
-        pv = grid = None
-        if sample.images:
-            pv, grid, ntok = images_to_inputs(sample.images, self.spec)
-            for n in ntok:
-                ids += [i["<|vision_start|>"]] + [i["<|image_pad|>"]] * n + [i["<|vision_end|>"]]
-        ids += e(sample.prompt) + [i["<|im_end|>"]] + e("\n") + [i["<|im_start|>"]] + e("assistant\n")
-        ref_ids = e(sample.reference) + [self.tok.eos_token_id] if sample.reference is not None else None
-        return PromptInput(key=sample.id, prompt_ids=ids, pixel_values=pv, image_grid_thw=grid,
-                           reference=sample.reference, reference_ids=ref_ids)
-
-
 def lr_at(cfg: TrainConfig, step: int) -> float:
     o = cfg.optim
     if step < o.warmup_steps:
@@ -219,6 +162,7 @@ class Trainer:
         self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
         self.is_logger = self.rank == torch.distributed.get_world_size() - 1  # a last-stage rank holds metrics
         self.tok, self.hf_config = build_tokenizer_and_config(cfg)
+        self.family = adapter_for(cfg.model.family, self.tok, self.hf_config, checkpoint=cfg.model.checkpoint)
         policy = build_policy(cfg, self.hf_config)
         self.vocab_size = policy.vocab_size
         self.model_config = policy.config
@@ -243,14 +187,13 @@ class Trainer:
         self.dataset = build_dataset(cfg)
         self.sampler = PromptSampler(self.dataset, cfg.data.prompts_per_step, seed=cfg.run.seed,
                                      shuffle=cfg.data.shuffle, dp_rank=0, dp_size=self.dp_size)
-        self.format = PromptFormatter(self.tok, self.hf_config)
         self.curriculum = Curriculum(cfg.rcpa.curriculum)
         self.reward_fn = get_reward(cfg.reward.name, **cfg.reward.kwargs)
         stop = StopChecker([self.tok.eos_token_id], cfg.rollout.stop, self.tok.decode)
         self.engine = RolloutEngine(policy, vocab_size=self.vocab_size, pad_id=self.tok.pad_token_id, stop=stop,
                                     params=SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
                                                           cfg.rollout.max_new_tokens), seed=cfg.run.seed,
-                                    banned_token_ids=self.format.structural_ids())
+                                    banned_token_ids=self.family.structural_ids())
         kernels = cfg.run.kernels
         self.impl = ("triton" if torch.cuda.is_available() else "torch") if kernels == "auto" else kernels
         self.step = 0
@@ -264,7 +207,12 @@ class Trainer:
         """Policy (convertible to HF), optimizer, curriculum and data cursor; written aside, then renamed."""
         from megatron.core import dist_checkpointing
 
-        from megatron_rcpa.convert.checkpoint import CheckpointMetadata, _synchronous_writer, save_checkpoint
+        from megatron_rcpa.convert.checkpoint import (
+            ASSETS_DIR,
+            CheckpointMetadata,
+            _synchronous_writer,
+            save_checkpoint,
+        )
 
         final = self.checkpoint_dir(self.step)
         tmp = final + ".incomplete"
@@ -272,10 +220,13 @@ class Trainer:
             shutil.rmtree(tmp)
         torch.distributed.barrier()
         policy = self.model.module
-        meta = CheckpointMetadata(family="qwen2_5_vl", hf_config=self.hf_config.to_dict(),
+        meta = CheckpointMetadata(family=self.cfg.model.family, hf_config=self.hf_config.to_dict(),
                                   dtype=self.cfg.model.dtype, vocab_size=self.vocab_size,
                                   padded_vocab_size=policy.padded_vocab_size, extra={"step": self.step})
-        save_checkpoint(policy, os.path.join(tmp, "policy"), meta)
+        assets = os.path.join(self.cfg.model.checkpoint, ASSETS_DIR) if self.cfg.model.checkpoint else None
+        # the tokenizer / processor files travel with every checkpoint, so that it converts to a usable HF dir
+        save_checkpoint(policy, os.path.join(tmp, "policy"), meta,
+                        assets_from=assets if assets and os.path.isdir(assets) else None)
         if self.rank == 0:
             os.makedirs(os.path.join(tmp, "optimizer"), exist_ok=True)
         torch.distributed.barrier()
@@ -339,7 +290,7 @@ class Trainer:
         t0 = time.perf_counter()
         indices = self.sampler.next_global_indices()
         samples = [self.sampler.load(i) for i in indices]  # an unreadable image: the next loadable sample
-        prompts = [self.format(s) for s in samples]
+        prompts = [self.family.format(s) for s in samples]
         keys = [str(s.id) for s in samples]
         lengths = [len(p.reference_ids) if p.reference_ids is not None else None for p in prompts]
         plan = self.curriculum.plan(keys, lengths)
@@ -362,13 +313,13 @@ class Trainer:
                                batch_std=cfg.rcpa.advantage.batch_std, impl=self.impl)
         batch = pack_rollouts(rollouts, adv.advantages.tolist(), pad_id=self.tok.pad_token_id, pad_to_multiple=8)
         micro = split_micro_batches(batch, min(cfg.optim.micro_batch_size, batch.num_rollouts), g)
-        extras = [self._vision_extra(prompts[mine], rollouts, i * micro[0].num_rollouts, m.num_rollouts)
+        per_micro = micro[0].num_rollouts
+        extras = [self.family.micro_batch_inputs(prompts[mine], rollouts[i * per_micro:i * per_micro + m.num_rollouts])
                   for i, m in enumerate(micro)]
         lambda_t = self.curriculum.lambda_t(cfg.rcpa.loss.lambda_0)
         step_cfg = StepConfig(loss=cfg.rcpa.loss, lambda_t=lambda_t, temperature=cfg.rollout.temperature,
                               vocab_size=self.vocab_size, impl=self.impl)
-        from megatron_rcpa.models.qwen2_5_vl import trainer_forward
-
+        trainer_forward = self.family.forward_fn
         old = compute_logprobs(self.model, micro, step_cfg, trainer_forward, extras=extras)
         ref = (compute_logprobs(self.reference, micro, step_cfg, trainer_forward, extras=extras)
                if self.reference is not None else None)
@@ -409,14 +360,6 @@ class Trainer:
         metrics["phase_name"] = self.curriculum.phase
         return metrics
 
-    def _vision_extra(self, prompts, rollouts, start: int, count: int) -> Dict[str, torch.Tensor]:
-        rows = rollouts[start:start + count]
-        pv = [prompts[r.prompt_id].pixel_values for r in rows if prompts[r.prompt_id].pixel_values is not None]
-        if not pv:
-            return {}
-        grid = [prompts[r.prompt_id].image_grid_thw for r in rows]
-        return {"pixel_values": torch.cat(pv), "image_grid_thw": torch.cat(grid)}
-
     def fit(self) -> List[Dict[str, float]]:
         cfg = self.cfg
         resume = self.resume_dir()
@@ -450,4 +393,4 @@ def run(cfg: TrainConfig) -> List[Dict[str, float]]:
             torch.distributed.destroy_process_group()
 
 
-__all__ = ["Trainer", "run", "init_parallel", "PromptFormatter", "lr_at", "PRE_ALIGNMENT"]
+__all__ = ["Trainer", "run", "init_parallel", "build_policy", "build_tokenizer_and_config", "lr_at", "PRE_ALIGNMENT"]

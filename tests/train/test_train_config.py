@@ -1,5 +1,8 @@
 """rcpa-train configuration: YAML + key=value overrides, every default listed, errors that name the key."""
 
+import glob
+import os
+
 import pytest
 
 from megatron_rcpa.train.config import TrainConfig, describe_options, load_config, parse_overrides
@@ -46,3 +49,13 @@ def test_every_option_is_described_with_its_default():
         assert line in text
     assert parse_overrides(["a.b.c=1", "a.b.d=x"]) == {"a": {"b": {"c": 1, "d": "x"}}}
     assert TrainConfig().rcpa.curriculum.f_high == 0.6
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "..", "examples",
+                                                               "configs", "*.yaml"))),
+                         ids=os.path.basename)
+def test_every_example_config_loads(path):
+    from megatron_rcpa.train.config import load_config
+
+    cfg = load_config(path, [])
+    assert cfg.model.family in ("qwen2_5_vl", "llava", "llama", "qwen2")

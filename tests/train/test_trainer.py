@@ -63,12 +63,13 @@ def rollout_worker() -> list:
     from megatron_rcpa.data.synthetic import make_synthetic_dataset
     from megatron_rcpa.rollout.engine import RolloutEngine, SamplingParams
     from megatron_rcpa.rollout.sampling import StopChecker
-    from megatron_rcpa.train.trainer import PromptFormatter, build_policy, build_tokenizer_and_config
+    from megatron_rcpa.train.families import adapter_for
+    from megatron_rcpa.train.trainer import build_policy, build_tokenizer_and_config
 
     cfg = _cfg("/tmp/unused", 1, **{"data.synthetic_reference": "full"})
     tok, hf = build_tokenizer_and_config(cfg)
     policy = build_policy(cfg, hf)
-    fmt = PromptFormatter(tok, hf)
+    fmt = adapter_for(cfg.model.family, tok, hf)
     prompts = [fmt(s) for s in make_synthetic_dataset("counting", 3, seed=0)]
     engine = RolloutEngine(policy, vocab_size=policy.vocab_size, pad_id=tok.pad_token_id,
                            stop=StopChecker([tok.eos_token_id]), params=SamplingParams(max_new_tokens=5),
