@@ -379,15 +379,18 @@ class LlavaPolicy(TextLMPolicy):
         return sharded
 
     # ---------------------------------------------------------------------------------------- images
+    def _check_pixels(self, pixel_values: torch.Tensor) -> None:
+        want = (3, self.vision_dims.image_size, self.vision_dims.image_size)
+        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
+            raise ValueError(f"pixel_values must be [num_images, {want[0]}, {want[1]}, {want[2]}] (the vision "
+                             f"tower's image_size), got {list(pixel_values.shape)}")
+
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] preprocessed images -> [N, tokens_per_image, text hidden] projected features."""
         if not self.pre_process:
             raise RuntimeError("image_features() runs on the first pipeline stage only")
         vd = self.vision_dims
-        want = (3, vd.image_size, vd.image_size)
-        if pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != want:
-            raise ValueError(f"pixel_values must be [num_images, {want[0]}, {want[1]}, {want[2]}] (the vision "
-                             f"tower's image_size), got {list(pixel_values.shape)}")
+        self._check_pixels(pixel_values)
         dtype = self.vision_model.conv1.weight.dtype
         hidden = self.vision_model(pixel_values.to(dtype))  # [N, seq, vision hidden]
         if vd.select_strategy == "default":
@@ -409,6 +412,7 @@ class LlavaPolicy(TextLMPolicy):
                 raise ValueError(f"input_ids hold {num_tokens} image tokens (id {self.image_token_id}) but "
                                  "pixel_values is None")
             return emb
+        self._check_pixels(pixel_values)
         per_image = self.vision_dims.tokens_per_image
         if num_tokens != pixel_values.shape[0] * per_image:
             raise ValueError(f"input_ids hold {num_tokens} image tokens (id {self.image_token_id}) but "
