@@ -53,21 +53,23 @@ def tiny_qwen2_5_vl_config(*, vocab_size: int = 301, hidden_size: int = 64, num_
     return Qwen2_5_VLConfig(**kwargs)
 
 
-def _save_tokenizer(path: str, vocab_size: int) -> None:
+def _save_tokenizer(path: str, vocab_size: int, specials=_SPECIAL, eos: str = "<|im_end|>",
+                    pad: str = "<|endoftext|>", chat_template: bool = True) -> None:
+    """A word-level tokenizer: ``w0``..``wN`` then ``specials`` at the last ids of the vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    regular = vocab_size - len(_SPECIAL)
+    regular = vocab_size - len(specials)
     vocab = {f"w{i}": i for i in range(regular)}
-    vocab.update({tok: regular + i for i, tok in enumerate(_SPECIAL)})
-    vocab["w0"] = 0
+    vocab.update({tok: regular + i for i, tok in enumerate(specials)})
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", eos_token="<|im_end|>",
-                                  pad_token="<|endoftext|>", additional_special_tokens=list(_SPECIAL[1:]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", eos_token=eos, pad_token=pad,
+                                  additional_special_tokens=[t for t in specials if t not in (eos, pad)])
     tok.save_pretrained(path)
-    with open(os.path.join(path, "chat_template.jinja"), "w") as f:
-        f.write("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}")
+    if chat_template:
+        with open(os.path.join(path, "chat_template.jinja"), "w") as f:
+            f.write("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}")
 
 
 def save_tiny_qwen2_5_vl(path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -134,7 +136,8 @@ def tiny_llava_config(*, vision: str = "clip", text: str = "llama", vocab_size: 
 def save_tiny_llava(path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                     max_shard_size: Optional[str] = None, with_assets: bool = True, **config_kwargs: Any) -> str:
     """Build a random tiny LlavaForConditionalGeneration from config and save it (safetensors, and with
-    ``with_assets`` a ``preprocessor_config.json``) under ``path``."""
+    ``with_assets`` a ``preprocessor_config.json`` and a word-level tokenizer whose last ids are ``</s>``,
+    ``<pad>``, ``<image>``) under ``path``."""
     from transformers import LlavaForConditionalGeneration
 
     config = tiny_llava_config(**config_kwargs)
@@ -156,4 +159,7 @@ def save_tiny_llava(path: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
             settings.update(size={"shortest_edge": side}, crop_size={"height": side, "width": side})
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
             json.dump(settings, f, indent=2)
+        if config.image_token_id == config.text_config.vocab_size - 1:  # the default layout: "<image>" last
+            _save_tokenizer(path, config.text_config.vocab_size, specials=("</s>", "<pad>", "<image>"), eos="</s>",
+                            pad="<pad>", chat_template=False)
     return path

@@ -16,6 +16,7 @@ All randomness is derived from (seed, step, rank): a resumed run takes the ident
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -211,6 +212,7 @@ class Trainer:
             ASSETS_DIR,
             CheckpointMetadata,
             _synchronous_writer,
+            read_metadata,
             save_checkpoint,
         )
 
@@ -223,6 +225,12 @@ class Trainer:
         meta = CheckpointMetadata(family=self.cfg.model.family, hf_config=self.hf_config.to_dict(),
                                   dtype=self.cfg.model.dtype, vocab_size=self.vocab_size,
                                   padded_vocab_size=policy.padded_vocab_size, extra={"step": self.step})
+        if self.cfg.model.checkpoint:  # keep what the export needs of the HF original (config.json, dtypes)
+            source = read_metadata(self.cfg.model.checkpoint)
+            meta = dataclasses.replace(meta, hf_config=source.hf_config, source_dtype=source.source_dtype,
+                                       hf_tensor_dtypes=dict(source.hf_tensor_dtypes),
+                                       extra={**source.extra, "step": self.step,
+                                              "started_from": os.path.abspath(self.cfg.model.checkpoint)})
         assets = os.path.join(self.cfg.model.checkpoint, ASSETS_DIR) if self.cfg.model.checkpoint else None
         # the tokenizer / processor files travel with every checkpoint, so that it converts to a usable HF dir
         save_checkpoint(policy, os.path.join(tmp, "policy"), meta,

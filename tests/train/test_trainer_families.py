@@ -68,3 +68,35 @@ def test_text_lm_trains_and_a_checkpoint_of_another_family_is_refused(tmp_path):
                                 "model.checkpoint": os.path.join(out, "checkpoints", "step_0000002", "policy")})
     with pytest.raises(ValueError, match="model.family = 'llava' but .* holds a 'qwen2' model"):
         build_tokenizer_and_config(cfg)
+
+
+def test_llava_trains_from_a_converted_checkpoint_and_exports_like_the_original(tmp_path):
+    """HF LLaVA (bf16, with tokenizer) -> megatron -> 2 RCPA steps -> HF: the exported directory has the
+    original's tensor names and dtypes, its config.json and its tokenizer/processor files."""
+    import torch
+    from safetensors.torch import load_file
+
+    from megatron_rcpa.convert.hf_to_megatron import convert_hf_to_megatron
+    from megatron_rcpa.convert.megatron_to_hf import convert_megatron_to_hf
+    from megatron_rcpa.models.tiny import save_tiny_llava
+
+    hf_dir = save_tiny_llava(str(tmp_path / "hf"), vision="clip", text="llama", seed=2, dtype=torch.bfloat16)
+    ckpt = str(tmp_path / "ckpt")
+    convert_hf_to_megatron(hf_dir, ckpt, dtype="fp32", in_process=False, timeout=300)
+    out = str(tmp_path / "run")
+    history = run_distributed(train_worker, args=(out, "llava", {"model.tiny": "false", "model.checkpoint": ckpt}),
+                              world_size=1, timeout=300)[0]
+    _check_history(history)
+    back = str(tmp_path / "back")
+    convert_megatron_to_hf(os.path.join(out, "checkpoints", "step_0000002", "policy"), back, timeout=300)
+    original, exported = load_file(os.path.join(hf_dir, "model.safetensors")), load_file(
+        os.path.join(back, "model.safetensors"))
+    assert sorted(exported) == sorted(original)
+    assert all(exported[n].dtype == torch.bfloat16 for n in exported)
+    assert not torch.equal(exported["multi_modal_projector.linear_1.weight"],
+                           original["multi_modal_projector.linear_1.weight"])  # it trained
+    assert torch.equal(exported["vision_tower.post_layernorm.weight"], original["vision_tower.post_layernorm.weight"])
+    for name in ("tokenizer.json", "preprocessor_config.json"):
+        assert os.path.isfile(os.path.join(back, name)), name
+    with open(os.path.join(back, "config.json")) as f, open(os.path.join(hf_dir, "config.json")) as g:
+        assert json.load(f)["architectures"] == json.load(g)["architectures"] == ["LlavaForConditionalGeneration"]
