@@ -41,14 +41,14 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = "qwen2_5_vl"  # qwen2_5_vl | llava | llama | qwen2 (text); a checkpoint's must match
+    family: str = "qwen2_5_vl"  # qwen2_5_vl | llava | llama | qwen2 (text; a checkpoint's must match) | gpt (profiler)
     checkpoint: Optional[str] = None  # a converted megatron checkpoint (tools/convert_hf_to_megatron.py)
     tiny: bool = False  # build a tiny random model from the family's tiny config (demos, tests)
     dtype: str = "fp32"  # fp32 | bf16
     reference_checkpoint: Optional[str] = None  # frozen reference; default = the initial policy
 
     def __post_init__(self) -> None:
-        _check_choice("model", "family", self.family, ("qwen2_5_vl", "llava", "llama", "qwen2"))
+        _check_choice("model", "family", self.family, ("qwen2_5_vl", "llava", "llama", "qwen2", "gpt"))
         _check_choice("model", "dtype", self.dtype, ("fp32", "bf16"))
 
 

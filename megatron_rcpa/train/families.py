@@ -32,6 +32,9 @@ def build_tokenizer_and_config(cfg) -> Tuple[Any, Any]:
     """(tokenizer, HF config object) of the run's policy: the checkpoint's (its family must be
     ``model.family``), or a tiny random model's for ``model.tiny``."""
     family = cfg.model.family
+    if family not in FAMILIES:
+        raise ValueError(f"model.family = {family!r} is for tools/profile_throughput.py only; rcpa-train trains "
+                         f"one of {list(FAMILIES)}")
     if cfg.model.tiny:
         return _tiny_tokenizer_and_config(family, cfg)
     if not cfg.model.checkpoint:
