@@ -25,6 +25,7 @@ from megatron_rcpa.convert.checkpoint import ASSETS_DIR, read_metadata
 from megatron_rcpa.convert.errors import ConversionError
 from megatron_rcpa.convert.families import family_by_name
 from megatron_rcpa.convert.hf_io import HFCheckpointReader, load_hf_config
+from megatron_rcpa.data.vision import normalize_image
 
 __all__ = ["TensorCheck", "VerificationReport", "build_verification_batch", "normalize_image", "patchify_image",
            "verify_conversion"]
@@ -101,8 +102,6 @@ def _synthetic_image(height: int, width: int, seed: int) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _processor_settings(asset_dirs: List[str]) -> Dict[str, Any]:
@@ -118,20 +117,6 @@ def _processor_settings(asset_dirs: List[str]) -> Dict[str, Any]:
             except (OSError, ValueError):
                 pass
     return {}
-
-
-def normalize_image(image: np.ndarray, settings: Optional[Dict[str, Any]] = None) -> np.ndarray:
-    """RGB uint8 [H, W, 3] -> float32 [3, H, W], rescaled and normalised as an HF image processor with
-    ``settings`` (its ``preprocessor_config.json``; CLIP's mean/std by default) does after resizing."""
-    settings = settings or {}
-    x = image.astype(np.float32)
-    if settings.get("do_rescale", True):
-        x = x * np.float32(settings.get("rescale_factor", 1 / 255))
-    if settings.get("do_normalize", True):
-        mean = np.asarray(settings.get("image_mean", _CLIP_MEAN), dtype=np.float32)
-        std = np.asarray(settings.get("image_std", _CLIP_STD), dtype=np.float32)
-        x = (x - mean) / std
-    return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
 def patchify_image(image: np.ndarray, *, patch_size: int, merge_size: int, temporal_patch_size: int,

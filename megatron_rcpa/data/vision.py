@@ -66,10 +66,24 @@ def images_to_inputs(images: Sequence, spec: VisionSpec = VisionSpec()) -> Tuple
     return torch.cat(parts), torch.tensor(grids, dtype=torch.long), ntok
 
 
+def normalize_image(image: np.ndarray, settings: Optional[Dict[str, Any]] = None) -> np.ndarray:
+    """RGB uint8 [H, W, 3] -> float32 [3, H, W], rescaled and normalised as an HF image processor with
+    ``settings`` (its ``preprocessor_config.json``; CLIP's mean/std by default) does after resizing."""
+    settings = settings or {}
+    x = image.astype(np.float32)
+    if settings.get("do_rescale", True):
+        x = x * np.float32(settings.get("rescale_factor", 1 / 255))
+    if settings.get("do_normalize", True):
+        mean = np.asarray(settings.get("image_mean", CLIP_MEAN), dtype=np.float32)
+        std = np.asarray(settings.get("image_std", CLIP_STD), dtype=np.float32)
+        x = (x - mean) / std
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
 def image_to_square(image, size: int, settings: Optional[Dict[str, Any]] = None) -> torch.Tensor:
     """A PIL image -> [3, size, size] float32 as a LLaVA (CLIP / SigLIP) image processor makes it: CLIP
     (``crop_size`` in ``settings``) resizes the short side to ``size`` and crops the centre, SigLIP resizes to
-    ``size`` x ``size``; then rescale and normalise with the settings' mean/std (CLIP's by default)."""
+    ``size`` x ``size``; then :func:`normalize_image` with the settings."""
     from PIL import Image
 
     settings = settings or {}
@@ -83,8 +97,4 @@ def image_to_square(image, size: int, settings: Optional[Dict[str, Any]] = None)
         image = image.crop((left, top, left + size, top + size))
     elif (w, h) != (size, size):
         image = image.resize((size, size), Image.BICUBIC)
-    x = np.asarray(image, dtype=np.float32) * np.float32(settings.get("rescale_factor", 1 / 255))
-    mean = np.asarray(settings.get("image_mean", CLIP_MEAN), dtype=np.float32)
-    std = np.asarray(settings.get("image_std", CLIP_STD), dtype=np.float32)
-    x = (x - mean) / std
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    return torch.from_numpy(normalize_image(np.asarray(image), settings))

@@ -10,7 +10,8 @@ only" switch differ between megatron-core 0.16 and 0.19; both are handled here) 
 position ids and the padding mask of everything cached, so a decode step only passes the new tokens.
 Each rank (each pipeline stage) keeps its own cache; one micro-batch per cache.
 
-:func:`greedy_generate` is the reference decode loop for a single pipeline stage (PP=1, any TP).
+:func:`greedy_generate` is the reference decode loop for a single pipeline stage (PP=1, any TP);
+:func:`pipeline_greedy_generate` the same through megatron's PP schedule (any PP).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Optional
 
 import torch
 
-__all__ = ["KVCache", "gather_vocab_logits", "greedy_generate"]
+__all__ = ["KVCache", "gather_vocab_logits", "greedy_generate", "pipeline_greedy_generate"]
 
 
 class KVCache:
@@ -76,8 +77,8 @@ def greedy_generate(policy, input_ids: torch.Tensor, *, max_new_tokens: int, pix
     [B, max_new_tokens, vocab] that chose them.
     """
     if not (policy.pre_process and policy.post_process):
-        raise ValueError("greedy_generate runs a whole model on one stage (PP=1); with PP drive the decode "
-                         "steps through megatron_rcpa.models.pipeline.pipeline_forward")
+        raise ValueError("greedy_generate runs a whole model on one stage (PP=1); with PP use "
+                         "pipeline_greedy_generate")
     batch, prompt_len = input_ids.shape
     cache = KVCache(batch, prompt_len + max_new_tokens)
     logits = policy(input_ids=input_ids, pixel_values=pixel_values, image_grid_thw=image_grid_thw,
@@ -92,3 +93,37 @@ def greedy_generate(policy, input_ids: torch.Tensor, *, max_new_tokens: int, pix
             logits = policy(input_ids=next_ids.unsqueeze(1), kv_cache=cache)
     out = torch.stack(tokens, dim=1)
     return (out, torch.stack(chosen_logits, dim=1)) if return_logits else out
+
+
+@torch.no_grad()
+def pipeline_greedy_generate(policy, input_ids: torch.Tensor, *, max_new_tokens: int, return_logits: bool = False,
+                             **prompt_inputs):
+    """Greedy decoding through the pipeline schedule (any PP, any TP): every stage keeps its own KV cache, the
+    last stage picks each token and broadcasts it over the PP group. Every stage calls it with the same
+    arguments; ``prompt_inputs`` (``pixel_values``, ``image_grid_thw``, ``attention_mask``) go to the prefill.
+
+    Returns the new tokens [B, max_new_tokens] on every stage and, with ``return_logits``, the gathered
+    logits [B, max_new_tokens, vocab] that chose them on the last stage (None on the others).
+    """
+    from megatron.core import parallel_state
+
+    from megatron_rcpa.models.pipeline import pipeline_forward
+
+    batch, prompt_len = input_ids.shape
+    cache = KVCache(batch, prompt_len + max_new_tokens)
+    step_input = dict(prompt_inputs, input_ids=input_ids, kv_cache=cache)
+    tokens, logits = [], []
+    for _ in range(max_new_tokens):
+        outputs = pipeline_forward(policy, [step_input], seq_length=step_input["input_ids"].shape[1],
+                                   micro_batch_size=batch)
+        next_ids = torch.empty(batch, dtype=torch.long, device=input_ids.device)
+        if outputs is not None:
+            last = outputs[0][:, -1, : policy.vocab_size]
+            logits.append(last)
+            next_ids = last.argmax(dim=-1)
+        torch.distributed.broadcast(next_ids, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+        tokens.append(next_ids)
+        step_input = {"input_ids": next_ids.unsqueeze(1), "kv_cache": cache}
+    out = torch.stack(tokens, dim=1)
+    return (out, torch.stack(logits, dim=1) if logits else None) if return_logits else out

@@ -402,24 +402,16 @@ class LlavaPolicy(TextLMPolicy):
         """[S, B, H] decoder input: token embeddings with the projected image features at the image tokens
         (images in order, ``tokens_per_image`` tokens each). ``strict``: image tokens without
         ``pixel_values`` are an error (off for decode steps)."""
-        if not self.pre_process:
-            raise RuntimeError("embed() runs on the first pipeline stage only")
-        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
-        image_mask = input_ids == self.image_token_id
-        num_tokens = int(image_mask.sum())
-        if pixel_values is None:
-            if num_tokens and strict:
-                raise ValueError(f"input_ids hold {num_tokens} image tokens (id {self.image_token_id}) but "
-                                 "pixel_values is None")
-            return emb
-        self._check_pixels(pixel_values)
-        per_image = self.vision_dims.tokens_per_image
-        if num_tokens != pixel_values.shape[0] * per_image:
-            raise ValueError(f"input_ids hold {num_tokens} image tokens (id {self.image_token_id}) but "
-                             f"pixel_values has {pixel_values.shape[0]} image(s) of {per_image} tokens each")
-        features = self.image_features(pixel_values).reshape(-1, emb.shape[-1])
-        emb = emb.transpose(0, 1).masked_scatter(image_mask.unsqueeze(-1), features.to(emb.dtype))
-        return emb.transpose(0, 1).contiguous()
+
+        def features(num_image_tokens: int) -> torch.Tensor:
+            self._check_pixels(pixel_values)
+            per_image = self.vision_dims.tokens_per_image
+            if num_image_tokens != pixel_values.shape[0] * per_image:
+                raise ValueError(f"input_ids hold {num_image_tokens} image tokens (id {self.image_token_id}) but "
+                                 f"pixel_values has {pixel_values.shape[0]} image(s) of {per_image} tokens each")
+            return self.image_features(pixel_values)
+
+        return self._embed_with_images(input_ids, self.image_token_id, pixel_values, features, strict=strict)
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(

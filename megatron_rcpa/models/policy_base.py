@@ -30,6 +30,27 @@ class DecoderPolicy(MegatronModule):
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         return self.language_model.sharded_state_dict(prefix=f"{prefix}language_model.", metadata=metadata)
 
+    # ----------------------------------------------------------------------------------------- inputs
+    def _embed_with_images(self, input_ids: torch.Tensor, image_token_id: int, pixel_values: Optional[torch.Tensor],
+                           features: Callable[[int], torch.Tensor], *, strict: bool) -> torch.Tensor:
+        """[S, B, H] decoder input: the token embeddings with ``features(n)`` ([n, H], for the n image tokens
+        in order; it checks that its images fill them) scattered in at the ``image_token_id`` positions.
+        ``strict``: image tokens without ``pixel_values`` are an error (off for decode steps, where a sampled
+        image token is embedded like any other token, as transformers does)."""
+        if not self.pre_process:
+            raise RuntimeError("embed() runs on the first pipeline stage only")
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
+        image_mask = input_ids == image_token_id
+        num_image_tokens = int(image_mask.sum())
+        if pixel_values is None:
+            if num_image_tokens and strict:
+                raise ValueError(f"input_ids hold {num_image_tokens} image tokens (id {image_token_id}) but "
+                                 "pixel_values is None")
+            return emb
+        image = features(num_image_tokens).reshape(-1, emb.shape[-1])
+        emb = emb.transpose(0, 1).masked_scatter(image_mask.unsqueeze(-1), image.to(emb.dtype))
+        return emb.transpose(0, 1).contiguous()
+
     # ---------------------------------------------------------------------------------------- outputs
     def _mask_padded_vocab(self, logits: torch.Tensor, gathered: bool) -> torch.Tensor:
         if self.padded_vocab_size == self.vocab_size:

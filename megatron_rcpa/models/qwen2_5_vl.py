@@ -129,26 +129,19 @@ class Qwen2_5_VLPolicy(DecoderPolicy):
         ``strict``: image tokens without ``pixel_values`` are an error (off for decode steps, where a sampled
         image-pad token is embedded like any other token, as transformers does).
         """
-        if not self.pre_process:
-            raise RuntimeError("embed() runs on the first pipeline stage only")
-        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [S, B, H]
-        image_mask = input_ids == self.image_token_id
-        num_image_tokens = int(image_mask.sum())
-        if pixel_values is None:
-            if num_image_tokens and strict:
-                raise ValueError(f"input_ids hold {num_image_tokens} image tokens (id {self.image_token_id}) "
-                                 "but pixel_values is None")
-            return emb
-        if image_grid_thw is None:
-            raise ValueError("pixel_values given without image_grid_thw")
-        vision_dtype = next(self.vision_model.parameters()).dtype
-        features = self.vision_model(pixel_values.to(vision_dtype), grid_thw=image_grid_thw).pooler_output
-        if features.shape[0] != num_image_tokens:
-            raise ValueError(f"input_ids hold {num_image_tokens} image tokens (id {self.image_token_id}) but the "
-                             f"vision tower produced {features.shape[0]} image features from image_grid_thw "
-                             f"{image_grid_thw.tolist()}")
-        emb = emb.transpose(0, 1).masked_scatter(image_mask.unsqueeze(-1), features.to(emb.dtype))
-        return emb.transpose(0, 1).contiguous()
+
+        def features(num_image_tokens: int) -> torch.Tensor:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values given without image_grid_thw")
+            vision_dtype = next(self.vision_model.parameters()).dtype
+            out = self.vision_model(pixel_values.to(vision_dtype), grid_thw=image_grid_thw).pooler_output
+            if out.shape[0] != num_image_tokens:
+                raise ValueError(f"input_ids hold {num_image_tokens} image tokens (id {self.image_token_id}) but "
+                                 f"the vision tower produced {out.shape[0]} image features from image_grid_thw "
+                                 f"{image_grid_thw.tolist()}")
+            return out
+
+        return self._embed_with_images(input_ids, self.image_token_id, pixel_values, features, strict=strict)
 
     # ---------------------------------------------------------------------------------------- forward
     def forward(

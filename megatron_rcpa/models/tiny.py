@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["save_tiny_llava", "save_tiny_qwen2_5_vl", "tiny_llava_config", "tiny_qwen2_5_vl_config"]
+__all__ = ["perturb_norms_and_biases", "save_tiny_llava", "save_tiny_qwen2_5_vl", "tiny_llava_config",
+           "tiny_qwen2_5_vl_config"]
 
 # What Qwen2VLImageProcessor.save_pretrained writes (written by hand: that class needs PIL or torchvision).
 _PREPROCESSOR = {
@@ -27,6 +28,18 @@ _PREPROCESSOR = {
 }
 _SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>")
+
+
+@torch.no_grad()
+def perturb_norms_and_biases(model: torch.nn.Module, is_norm: Callable[[str], bool] = lambda name: "norm" in name
+                             ) -> None:
+    """Make a freshly built model's norms (``is_norm(name)``: 1 + N(0, 0.1)) and other biases (N(0, 0.05))
+    non-trivial, so that a mixed-up tensor shows in the logits. Draws from torch's global generator."""
+    for name, param in model.named_parameters():
+        if is_norm(name):
+            param.copy_(1.0 + 0.1 * torch.randn_like(param))
+        elif name.endswith(".bias"):
+            param.copy_(0.05 * torch.randn_like(param))
 
 
 def tiny_qwen2_5_vl_config(*, vocab_size: int = 301, hidden_size: int = 64, num_layers: int = 2,
@@ -80,14 +93,9 @@ def save_tiny_qwen2_5_vl(path: str, *, seed: int = 0, dtype: torch.dtype = torch
     config = tiny_qwen2_5_vl_config(**config_kwargs)
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration(config).to(dtype).eval()
-    with torch.no_grad():  # make norms and biases non-trivial so that a mix-up shows in the logits
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name or name.endswith("ln_q.weight"):
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            elif name.endswith(".bias"):
-                param.copy_(0.05 * torch.randn_like(param))
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **kwargs)
+    perturb_norms_and_biases(model, lambda name: name.endswith("norm.weight") or "layernorm" in name
+                             or name.endswith("ln_q.weight"))
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if with_assets:
         _save_tokenizer(path, config.text_config.vocab_size)
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
@@ -143,14 +151,8 @@ def save_tiny_llava(path: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
     config = tiny_llava_config(**config_kwargs)
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).to(dtype).eval()
-    with torch.no_grad():  # non-trivial norms and biases, so that a mix-up shows in the logits
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            elif name.endswith(".bias"):
-                param.copy_(0.05 * torch.randn_like(param))
-    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(path, **kwargs)
+    perturb_norms_and_biases(model)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     if with_assets:
         vision = "clip" if config.vision_config.model_type == "clip_vision_model" else "siglip"
         side = config.vision_config.image_size

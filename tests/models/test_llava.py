@@ -189,33 +189,11 @@ def tp2_worker(ckpts, batches):
     return out
 
 
-def _pipeline_decode(policy, batch, vocab):
-    from megatron.core import parallel_state
-
-    from megatron_rcpa.models.inference import KVCache
-    from megatron_rcpa.models.pipeline import pipeline_forward
-
-    ids = batch["input_ids"]
-    cache = KVCache(ids.shape[0], ids.shape[1] + N_NEW)
-    step_input = {"input_ids": ids, "pixel_values": batch["pixel_values"], "kv_cache": cache}
-    tokens = []
-    for _ in range(N_NEW):
-        outputs = pipeline_forward(policy, [step_input], seq_length=step_input["input_ids"].shape[1],
-                                   micro_batch_size=ids.shape[0])
-        next_ids = torch.empty(ids.shape[0], dtype=torch.long)
-        if outputs is not None:
-            next_ids = outputs[0][:, -1, :vocab].argmax(dim=-1)
-        torch.distributed.broadcast(next_ids, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())
-        tokens.append(next_ids)
-        step_input = {"input_ids": next_ids.unsqueeze(1), "kv_cache": cache}
-    return torch.stack(tokens, 1)
-
-
 def pp2_worker(ckpts, batches):
     from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint
     from megatron_rcpa.convert.families import family_by_name
     from megatron_rcpa.convert.megatron_to_hf import export_hf_tensors
+    from megatron_rcpa.models.inference import pipeline_greedy_generate
     from megatron_rcpa.models.pipeline import pipeline_forward
 
     out = {}
@@ -228,7 +206,8 @@ def pp2_worker(ckpts, batches):
                                    seq_length=ids.shape[1], micro_batch_size=ids.shape[0])
         out[name] = {"logits": outputs[0][..., : meta.vocab_size] if outputs is not None else None,
                      "has_vision": policy.vision_model is not None,
-                     "decode": _pipeline_decode(policy, batch, meta.vocab_size),
+                     "decode": pipeline_greedy_generate(policy, ids, pixel_values=batch["pixel_values"],
+                                                        max_new_tokens=N_NEW),
                      "exported": dict(export_hf_tensors(policy, family_by_name(meta.family), meta.hf_config))}
     return out
 

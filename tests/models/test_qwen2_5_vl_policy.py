@@ -147,36 +147,11 @@ def tp2_worker(ckpt, hf_dir, out_root, batch):
     return out
 
 
-def _pipeline_decode(policy, batch, vocab):
-    """Greedy decoding through the PP schedule: KV cache per stage, the token broadcast from the last stage."""
-    from megatron.core import parallel_state
-
-    from megatron_rcpa.models.inference import KVCache
-    from megatron_rcpa.models.pipeline import pipeline_forward
-
-    ids = batch["input_ids"]
-    cache = KVCache(ids.shape[0], ids.shape[1] + N_NEW)
-    step_input = dict(_prompt(batch), kv_cache=cache)
-    tokens, logits = [], []
-    for _ in range(N_NEW):
-        outputs = pipeline_forward(policy, [step_input], seq_length=step_input["input_ids"].shape[1],
-                                   micro_batch_size=ids.shape[0])
-        next_ids = torch.empty(ids.shape[0], dtype=torch.long)
-        if outputs is not None:
-            last = outputs[0][:, -1, :vocab]
-            logits.append(last)
-            next_ids = last.argmax(dim=-1)
-        torch.distributed.broadcast(next_ids, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())
-        tokens.append(next_ids)
-        step_input = {"input_ids": next_ids.unsqueeze(1), "kv_cache": cache}
-    return torch.stack(tokens, 1), (torch.stack(logits, 1) if logits else None)
-
-
 def pp2_worker(ckpts, batch):
     from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint
     from megatron_rcpa.convert.families import family_by_name
     from megatron_rcpa.convert.megatron_to_hf import export_hf_tensors
+    from megatron_rcpa.models.inference import pipeline_greedy_generate
     from megatron_rcpa.models.pipeline import pipeline_forward
 
     ids = batch["input_ids"]
@@ -189,7 +164,8 @@ def pp2_worker(ckpts, batch):
                      "has_vision": policy.vision_model is not None,
                      "num_layers_here": len(policy.language_model.decoder.layers)}
         if name == "untied":
-            out[name]["decode"] = _pipeline_decode(policy, batch, meta.vocab_size)
+            out[name]["decode"] = pipeline_greedy_generate(policy, **_prompt(batch), max_new_tokens=N_NEW,
+                                                           return_logits=True)
         family = family_by_name(meta.family)
         out[name]["exported"] = dict(export_hf_tensors(policy, family, meta.hf_config))  # this stage's tensors
     return out

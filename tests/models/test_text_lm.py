@@ -31,14 +31,11 @@ def save_tiny_text_lm(path, kind, *, seed=0, tied=False, num_key_value_heads=2, 
                   tie_word_embeddings=tied,
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0 if kind == "llama" else 1.0e6})
     kwargs.update(overrides)
+    from megatron_rcpa.models.tiny import perturb_norms_and_biases
+
     torch.manual_seed(seed)
     model = model_cls(config_cls(**kwargs)).eval()
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.copy_(1.0 + 0.1 * torch.randn_like(param))
-            elif name.endswith(".bias"):
-                param.copy_(0.05 * torch.randn_like(param))
+    perturb_norms_and_biases(model)
     model.save_pretrained(path)
     return path
 
@@ -113,35 +110,11 @@ def tp2_worker(ckpts, batch):
     return out
 
 
-def _pipeline_decode(policy, batch, vocab):
-    from megatron.core import parallel_state
-
-    from megatron_rcpa.models.inference import KVCache
-    from megatron_rcpa.models.pipeline import pipeline_forward
-
-    ids = batch["input_ids"]
-    cache = KVCache(ids.shape[0], ids.shape[1] + N_NEW)
-    step_input = {"input_ids": ids, "kv_cache": cache}
-    tokens, logits = [], []
-    for _ in range(N_NEW):
-        outputs = pipeline_forward(policy, [step_input], seq_length=step_input["input_ids"].shape[1],
-                                   micro_batch_size=ids.shape[0])
-        next_ids = torch.empty(ids.shape[0], dtype=torch.long)
-        if outputs is not None:
-            last = outputs[0][:, -1, :vocab]
-            logits.append(last)
-            next_ids = last.argmax(dim=-1)
-        torch.distributed.broadcast(next_ids, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())
-        tokens.append(next_ids)
-        step_input = {"input_ids": next_ids.unsqueeze(1), "kv_cache": cache}
-    return torch.stack(tokens, 1), (torch.stack(logits, 1) if logits else None)
-
-
 def pp2_worker(ckpts, batch):
     from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint
     from megatron_rcpa.convert.families import family_by_name
     from megatron_rcpa.convert.megatron_to_hf import export_hf_tensors
+    from megatron_rcpa.models.inference import pipeline_greedy_generate
     from megatron_rcpa.models.pipeline import pipeline_forward
 
     ids = batch["input_ids"]
@@ -153,7 +126,7 @@ def pp2_worker(ckpts, batch):
                                    micro_batch_size=ids.shape[0])
         out[name] = {"logits": outputs[0][..., : meta.vocab_size] if outputs is not None else None,
                      "num_layers_here": len(policy.language_model.decoder.layers),
-                     "decode": _pipeline_decode(policy, batch, meta.vocab_size),
+                     "decode": pipeline_greedy_generate(policy, ids, max_new_tokens=N_NEW, return_logits=True),
                      "exported": dict(export_hf_tensors(policy, family_by_name(meta.family), meta.hf_config))}
     return out
 
