@@ -45,8 +45,9 @@ class SamplingParams:
 
 class RolloutEngine:
     def __init__(self, policy, *, vocab_size: int, pad_id: int, stop: StopChecker, params: SamplingParams,
-                 seed: int = 0, max_rows: int = 64, banned_token_ids: Sequence[int] = ()) -> None:
+                 seed: int = 0, max_rows: int = 64, banned_token_ids: Sequence[int] = (), groups=None) -> None:
         self.policy = policy
+        self._groups = groups  # process groups (megatron_rcpa.runtime.parallel.ParallelGroups); default: megatron's
         self.vocab_size = int(vocab_size)
         self.pad_id = int(pad_id)
         self.stop = stop
@@ -84,14 +85,20 @@ class RolloutEngine:
         return out
 
     # ---------------------------------------------------------------------------------------- internals
+    @property
+    def groups(self):
+        if self._groups is None:
+            from megatron_rcpa.train.step import resolve_groups
+
+            self._groups = resolve_groups()
+        return self._groups
+
     def _device(self) -> torch.device:
         return next(self.policy.parameters()).device
 
     def _forward(self, cache, **inputs) -> Optional[torch.Tensor]:
         """Last-position logits [B, V] on the last stage (None on other stages)."""
-        from megatron.core import parallel_state as ps
-
-        if ps.get_pipeline_model_parallel_world_size() == 1:
+        if self.groups.pp_size == 1:
             return self.policy(kv_cache=cache, **inputs)[:, -1, : self.vocab_size].float()
         from megatron_rcpa.models.pipeline import pipeline_forward
 
@@ -100,8 +107,6 @@ class RolloutEngine:
         return None if outs is None else outs[0][:, -1, : self.vocab_size].float()
 
     def _sample(self, logits: Optional[torch.Tensor], batch: int, gen, device):
-        from megatron.core import parallel_state as ps
-
         p = self.params
         if logits is not None:
             if self.banned:
@@ -111,11 +116,9 @@ class RolloutEngine:
         else:
             tok = torch.zeros(batch, dtype=torch.long, device=device)
             lp = torch.zeros(batch, dtype=torch.float32, device=device)
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            src = ps.get_pipeline_model_parallel_last_rank()
-            group = ps.get_pipeline_model_parallel_group()
+        if self.groups.pp_size > 1:
             packed = torch.stack([tok.double(), lp.double()])
-            torch.distributed.broadcast(packed, src=src, group=group)
+            torch.distributed.broadcast(packed, src=self.groups.pp_last_rank, group=self.groups.pp_group)
             tok, lp = packed[0].long(), packed[1].float()
         return tok, lp
 

@@ -51,6 +51,15 @@ def split_micro_batches(batch: RolloutBatch, micro_batch_size: int, group_size: 
     return [batch.select(range(i, i + micro_batch_size)) for i in range(0, n, micro_batch_size)]
 
 
+def resolve_groups(groups=None):
+    """The process groups to use: ``groups`` when given, else read from megatron's parallel state (once, here)."""
+    if groups is not None:
+        return groups
+    from megatron_rcpa.runtime.parallel import ParallelGroups
+
+    return ParallelGroups.from_parallel_state()
+
+
 def global_counts(micro_batches: List[RolloutBatch], dp_group=None) -> GlobalCounts:
     """The normalisers of the whole batch: summed over micro-batches, all-reduced over data parallel."""
     total = GlobalCounts(0.0, 0.0, 0.0)
@@ -113,18 +122,17 @@ def _run_schedule(model, micro: List[Dict[str, torch.Tensor]], loss_factory, for
 
 def compute_logprobs(model, micro_batches: List[RolloutBatch], cfg: StepConfig,
                      forward_fn: ForwardFn = default_forward,
-                     extras: Optional[List[Dict[str, torch.Tensor]]] = None) -> Optional[List[torch.Tensor]]:
+                     extras: Optional[List[Dict[str, torch.Tensor]]] = None,
+                     groups=None) -> Optional[List[torch.Tensor]]:
     """Per-token log-probs ``[b, s]`` of every micro-batch's targets (0 off the loss positions), without
     gradients. Returned on the last pipeline stage; None on the others. ``extras[i]`` (e.g. the rows'
-    images) is added to micro-batch i's inputs."""
-    from megatron.core import parallel_state as ps
-
+    images) is added to micro-batch i's inputs. ``groups``: the process groups (default: megatron's)."""
+    groups = resolve_groups(groups)
     device = next(model.parameters()).device
     micro = [_as_dict(mb, extras[i] if extras else None, device) for i, mb in enumerate(micro_batches)]
-    tp_group = ps.get_tensor_model_parallel_group()
     with torch.no_grad():
-        out = _run_schedule(model, micro, partial(_logprob_func, cfg, tp_group), forward_fn, True)
-    if not ps.is_pipeline_last_stage():
+        out = _run_schedule(model, micro, partial(_logprob_func, cfg, groups.tp_group), forward_fn, True)
+    if not groups.is_last_stage:
         return None
     return [o["logp"] for o in out]
 
@@ -132,17 +140,16 @@ def compute_logprobs(model, micro_batches: List[RolloutBatch], cfg: StepConfig,
 def train_step(model, optimizer, micro_batches: List[RolloutBatch], old_logp: List[torch.Tensor],
                cfg: StepConfig, ref_logp: Optional[List[torch.Tensor]] = None,
                forward_fn: ForwardFn = default_forward,
-               extras: Optional[List[Dict[str, torch.Tensor]]] = None) -> Dict[str, float]:
+               extras: Optional[List[Dict[str, torch.Tensor]]] = None, groups=None) -> Dict[str, float]:
     """Forward+backward over all micro-batches and one optimizer step. ``model`` is megatron's DDP-wrapped
-    policy and ``optimizer`` from ``get_megatron_optimizer``. Returns the batch metrics (summed over
-    micro-batches and data-parallel ranks, i.e. global means) plus grad_norm / update_ok on every rank."""
-    from megatron.core import parallel_state as ps
-
+    policy and ``optimizer`` from ``get_megatron_optimizer``; ``groups`` the process groups (default:
+    megatron's). Returns the batch metrics (summed over micro-batches and data-parallel ranks, i.e. global
+    means) plus grad_norm / update_ok on every rank."""
+    groups = resolve_groups(groups)
     device = next(model.parameters()).device
-    dp_group = ps.get_data_parallel_group()
-    dp_size = ps.get_data_parallel_world_size()
+    dp_group, dp_size = groups.dp_group, groups.dp_size
     counts = global_counts(micro_batches, dp_group)
-    last = ps.is_pipeline_last_stage()
+    last = groups.is_last_stage
     micro = []
     for i, mb in enumerate(micro_batches):
         extra = dict(extras[i]) if extras else {}
@@ -152,7 +159,7 @@ def train_step(model, optimizer, micro_batches: List[RolloutBatch], old_logp: Li
                 extra["ref_logp"] = ref_logp[i]
         micro.append(_as_dict(mb, extra, device))
     scale = float(len(micro) * dp_size)
-    factory = partial(_loss_func, cfg, counts, scale, ps.get_tensor_model_parallel_group())
+    factory = partial(_loss_func, cfg, counts, scale, groups.tp_group)
     model.zero_grad_buffer()
     optimizer.zero_grad()
     outputs = _run_schedule(model, micro, factory, forward_fn, False)
@@ -161,28 +168,25 @@ def train_step(model, optimizer, micro_batches: List[RolloutBatch], old_logp: Li
     metrics: Dict[str, float] = {}
     keys = sorted(outputs[0]) if last and outputs else []
     # every rank joins the same reductions: last-stage ranks hold values, others zeros, summed over PP too
-    names = _broadcast_keys(keys)
+    names = _broadcast_keys(keys, groups)
     vec = torch.zeros(len(names), dtype=torch.float64, device=device)
     if last:
         for o in outputs:
             vec += torch.stack([o[k].detach().to(device=device, dtype=torch.float64).reshape(()) for k in names])
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(vec, group=dp_group)
-        if ps.get_pipeline_model_parallel_world_size() > 1:
-            torch.distributed.all_reduce(vec, group=ps.get_pipeline_model_parallel_group())
+        if groups.pp_size > 1:
+            torch.distributed.all_reduce(vec, group=groups.pp_group)
     metrics.update({k: float(v) for k, v in zip(names, vec.cpu().tolist())})
     metrics["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
     metrics["update_ok"] = float(bool(update_ok))
     return metrics
 
 
-def _broadcast_keys(keys: List[str]) -> List[str]:
+def _broadcast_keys(keys: List[str], groups) -> List[str]:
     """The metric names from the last pipeline stage, known on every rank."""
-    from megatron.core import parallel_state as ps
-
-    if ps.get_pipeline_model_parallel_world_size() == 1:
+    if groups.pp_size == 1:
         return keys
     obj = [keys]
-    torch.distributed.broadcast_object_list(obj, src=ps.get_pipeline_model_parallel_last_rank(),
-                                            group=ps.get_pipeline_model_parallel_group())
+    torch.distributed.broadcast_object_list(obj, src=groups.pp_last_rank, group=groups.pp_group)
     return obj[0]

@@ -1,15 +1,15 @@
 """The RCPA training loop, top to bottom (RCPA_SPEC sections 2-5).
 
-Every step, on every rank (TP x PP x DP, Megatron's parallel state):
+Every step, on every rank (TP x PP x DP), the phases of :mod:`megatron_rcpa.train.phases`:
 
-1. data      the next global batch of prompts (identical on every rank), this DP rank takes its slice
-2. plan      the curriculum picks probes and forced prefix lengths k_i for the whole global batch
-3. rollout   prompt ⊕ y*_{1..k_i} -> G sampled continuations on the training policy (KV cache)
-4. reward    the reward function judges prefix ⊕ continuation; rewards are gathered over DP
-5. advantage group advantages per prompt (fused kernel on GPU)
-6. logprob   old-policy (and reference, when beta > 0) log-probs recomputed through the schedule
-7. train     the RCPA loss through megatron's schedule, DDP, optimizer, LR schedule (train/step.py)
-8. update    the curriculum folds in the global rewards; metrics are logged; checkpoint at intervals
+1. data        this data-parallel rank's share of the global batch (``data.prompts_per_step`` prompts)
+2. plan        the curriculum picks probes and forced prefix lengths k_i for the whole global batch
+3. rollout     prompt ⊕ y*_{1..k_i} -> G sampled continuations on the training policy (KV cache)
+4. score       the reward function judges prefix ⊕ continuation; rewards are gathered over DP
+5. advantages  group advantages per prompt over the global batch (fused kernel on GPU)
+6. logprobs    old-policy (and reference, when beta > 0) log-probs recomputed through the schedule
+7. update      the RCPA loss through megatron's schedule, DDP, optimizer, LR schedule (train/step.py)
+8. then        the curriculum folds in the global rewards; metrics are logged; checkpoint at intervals
 
 All randomness is derived from (seed, step, rank): a resumed run takes the identical next step.
 """
@@ -18,23 +18,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import shutil
-import statistics
 import time
 from typing import Any, Dict, List, Optional
 
 import torch
 
 from megatron_rcpa.algo.curriculum import PRE_ALIGNMENT, Curriculum
-from megatron_rcpa.rollout.batch import pack_rollouts
 from megatron_rcpa.rollout.engine import RolloutEngine, SamplingParams
 from megatron_rcpa.rollout.sampling import StopChecker
+from megatron_rcpa.train import phases
 from megatron_rcpa.train.config import TrainConfig
 from megatron_rcpa.train.families import adapter_for, build_tokenizer_and_config
 from megatron_rcpa.train.metrics_log import MetricsLogger
-from megatron_rcpa.train.step import StepConfig, compute_logprobs, split_micro_batches, train_step
+from megatron_rcpa.train.phases import StepContext, Trajectory, check_batch_layout, lr_at
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
@@ -131,74 +129,91 @@ def build_dataset(cfg: TrainConfig):
     return ds
 
 
-def lr_at(cfg: TrainConfig, step: int) -> float:
-    o = cfg.optim
-    if step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    x = min(1.0, (step - o.warmup_steps) / max(1, cfg.run.steps - o.warmup_steps))
-    if o.lr_schedule == "cosine":
-        return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * x))
-    if o.lr_schedule == "linear":
-        return o.lr + (o.min_lr - o.lr) * x
-    return o.lr
-
-
 # ---------------------------------------------------------------------------------------------- trainer
-class Trainer:
-    def __init__(self, cfg: TrainConfig) -> None:
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import (
-            DistributedDataParallel,
-            DistributedDataParallelConfig,
-            finalize_model_grads,
-        )
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def build_step_context(cfg: TrainConfig, groups, tok, hf_config, family, *, stop: Optional[StopChecker] = None,
+                       policy_kwargs: Optional[Dict[str, Any]] = None) -> StepContext:
+    """The pieces one RL step needs, built once from the config: the policy (DDP-wrapped), megatron's
+    optimizer, the frozen reference (beta > 0), the rollout engine and the curriculum. The trainer and the
+    profiler both build through here. ``stop`` overrides the engine's stop rule (the profiler decodes a fixed
+    number of tokens); ``policy_kwargs`` go to the family's policy builder (the profiler's FP8 layer spec)."""
+    from megatron.core.distributed import (
+        DistributedDataParallel,
+        DistributedDataParallelConfig,
+        finalize_model_grads,
+    )
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    check_batch_layout(cfg, groups.dp_size)
+    policy = build_policy(cfg, hf_config, **(policy_kwargs or {}))
+    model = DistributedDataParallel(policy.config, DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.distributed_optimizer), policy)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
+        adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, clip_grad=cfg.optim.clip_grad,
+        bf16=cfg.model.dtype == "bf16", params_dtype=policy.config.params_dtype,
+        use_distributed_optimizer=cfg.parallel.distributed_optimizer), [model])
+    policy.config.finalize_model_grads_func = finalize_model_grads
+    reference = None
+    if cfg.rcpa.loss.beta > 0:  # frozen reference: model.reference_checkpoint, else the initial policy
+        reference = build_policy(cfg, hf_config, **(policy_kwargs or {}))
+        if cfg.model.reference_checkpoint:
+            from megatron_rcpa.convert.checkpoint import load_checkpoint
+
+            load_checkpoint(reference, cfg.model.reference_checkpoint)
+        else:
+            reference.load_state_dict(policy.state_dict())
+        reference.eval().requires_grad_(False)
+    if stop is None:
+        stop = StopChecker([tok.eos_token_id], cfg.rollout.stop, tok.decode)
+    engine = RolloutEngine(policy, vocab_size=policy.vocab_size, pad_id=tok.pad_token_id, stop=stop,
+                           params=SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
+                                                 cfg.rollout.max_new_tokens), seed=cfg.run.seed,
+                           banned_token_ids=family.structural_ids(), groups=groups)
+    kernels = cfg.run.kernels
+    impl = ("triton" if torch.cuda.is_available() else "torch") if kernels == "auto" else kernels
+    return StepContext(cfg=cfg, groups=groups, model=model, optimizer=optimizer, engine=engine,
+                       curriculum=Curriculum(cfg.rcpa.curriculum), forward_fn=family.forward_fn,
+                       micro_batch_inputs=family.micro_batch_inputs, vocab_size=policy.vocab_size,
+                       pad_id=tok.pad_token_id, impl=impl, reference=reference)
+
+
+class Trainer:
+    """Builds the step context, the data and the logger; runs the phases of :mod:`megatron_rcpa.train.phases`
+    step after step; saves and resumes."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
         from megatron_rcpa.data.sampler import PromptSampler
         from megatron_rcpa.rewards import get_reward
+        from megatron_rcpa.train.step import resolve_groups
 
         self.cfg = cfg
         init_parallel(cfg)
+        self.groups = resolve_groups()
         self.rank = torch.distributed.get_rank()
-        self.dp_rank, self.dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+        self.dp_rank, self.dp_size = self.groups.dp_rank, self.groups.dp_size
         self.is_logger = self.rank == torch.distributed.get_world_size() - 1  # a last-stage rank holds metrics
+        check_batch_layout(cfg, self.dp_size)
         self.tok, self.hf_config = build_tokenizer_and_config(cfg)
         self.family = adapter_for(cfg.model.family, self.tok, self.hf_config, checkpoint=cfg.model.checkpoint)
-        policy = build_policy(cfg, self.hf_config)
-        self.vocab_size = policy.vocab_size
-        self.model_config = policy.config
-        self.model = DistributedDataParallel(policy.config, DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.distributed_optimizer), policy)
-        self.optimizer = get_megatron_optimizer(OptimizerConfig(
-            optimizer="adam", lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, weight_decay=cfg.optim.weight_decay,
-            adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, clip_grad=cfg.optim.clip_grad,
-            bf16=cfg.model.dtype == "bf16", params_dtype=policy.config.params_dtype,
-            use_distributed_optimizer=cfg.parallel.distributed_optimizer), [self.model])
-        policy.config.finalize_model_grads_func = finalize_model_grads
-        self.reference = None
-        if cfg.rcpa.loss.beta > 0:  # frozen reference: model.reference_checkpoint, else the initial policy
-            self.reference = build_policy(cfg, self.hf_config)
-            if cfg.model.reference_checkpoint:
-                from megatron_rcpa.convert.checkpoint import load_checkpoint
-
-                load_checkpoint(self.reference, cfg.model.reference_checkpoint)
-            else:
-                self.reference.load_state_dict(policy.state_dict())
-            self.reference.eval().requires_grad_(False)
+        self.ctx = build_step_context(cfg, self.groups, self.tok, self.hf_config, self.family)
+        self.model, self.optimizer, self.reference = self.ctx.model, self.ctx.optimizer, self.ctx.reference
+        self.engine, self.curriculum = self.ctx.engine, self.ctx.curriculum
+        self.vocab_size = self.ctx.vocab_size
+        self.model_config = self.model.module.config
         self.dataset = build_dataset(cfg)
-        self.sampler = PromptSampler(self.dataset, cfg.data.prompts_per_step, seed=cfg.run.seed,
-                                     shuffle=cfg.data.shuffle, dp_rank=0, dp_size=self.dp_size)
-        self.curriculum = Curriculum(cfg.rcpa.curriculum)
-        self.reward_fn = get_reward(cfg.reward.name, **cfg.reward.kwargs)
-        stop = StopChecker([self.tok.eos_token_id], cfg.rollout.stop, self.tok.decode)
-        self.engine = RolloutEngine(policy, vocab_size=self.vocab_size, pad_id=self.tok.pad_token_id, stop=stop,
-                                    params=SamplingParams(cfg.rollout.temperature, cfg.rollout.top_p,
-                                                          cfg.rollout.max_new_tokens), seed=cfg.run.seed,
-                                    banned_token_ids=self.family.structural_ids())
-        kernels = cfg.run.kernels
-        self.impl = ("triton" if torch.cuda.is_available() else "torch") if kernels == "auto" else kernels
+        # the global batch is data.prompts_per_step prompts; this rank loads only its share of them
+        self.sampler = PromptSampler(self.dataset, cfg.data.prompts_per_step // self.dp_size, seed=cfg.run.seed,
+                                     shuffle=cfg.data.shuffle, dp_rank=self.dp_rank, dp_size=self.dp_size)
+        self.reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
+        self.impl = self.ctx.impl
         self.step = 0
         self.logger = MetricsLogger(cfg, enabled=self.is_logger)
+
+    def reward_fn(self, traj: Trajectory) -> List[float]:
+        """The configured reward of this rank's rollouts: (decoded responses, the prompts' references)."""
+        responses = [self.tok.decode(r.response_tokens) for r in traj.rollouts]
+        refs = [traj.prompts[r.prompt_id].reference for r in traj.rollouts]
+        return self.reward(responses, refs)
 
     # -------------------------------------------------------------------------------------- checkpoint
     def checkpoint_dir(self, step: int) -> str:
@@ -288,83 +303,30 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
 
     # -------------------------------------------------------------------------------------------- step
-    def train_one_step(self) -> Dict[str, float]:
-        from megatron.core import parallel_state as ps
-
-        from megatron_rcpa.ops import group_advantages
-
-        cfg, g = self.cfg, self.cfg.rcpa.group_size
-        times: Dict[str, float] = {}
+    def train_one_step(self) -> Dict[str, Any]:
+        """One RL step: this rank's prompts -> rollout -> score -> advantages -> logprobs -> update."""
+        ctx, times = self.ctx, {}
         t0 = time.perf_counter()
-        indices = self.sampler.next_global_indices()
-        samples = [self.sampler.load(i) for i in indices]  # an unreadable image: the next loadable sample
-        prompts = [self.family.format(s) for s in samples]
-        keys = [str(s.id) for s in samples]
-        lengths = [len(p.reference_ids) if p.reference_ids is not None else None for p in prompts]
-        plan = self.curriculum.plan(keys, lengths)
-        b = cfg.data.prompts_per_step
-        mine = slice(self.dp_rank * b, (self.dp_rank + 1) * b)
-        rollouts = self.engine.generate(prompts[mine], plan.k[mine], g, step=self.step, dp_rank=self.dp_rank)
+        samples = self.sampler.next_batch()  # this rank's share; an unreadable image: the next loadable sample
+        traj = phases.plan_step(ctx, self.step, [self.family.format(s) for s in samples])
+        traj = phases.rollout(ctx, traj)
         times["rollout"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        responses = [self.tok.decode(r.response_tokens) for r in rollouts]
-        refs = [prompts[mine][r.prompt_id].reference for r in rollouts]
-        local_rewards = self.reward_fn(responses, refs)
-        gathered: List[Any] = [None] * self.dp_size
-        torch.distributed.all_gather_object(gathered, local_rewards, group=ps.get_data_parallel_group())
-        all_rewards = [x for part in gathered for x in part]
-        dev = next(self.model.parameters()).device  # the Triton kernel needs the rewards on the GPU
-        rewards_t = torch.tensor(local_rewards, dtype=torch.float32, device=dev)
-        adv = group_advantages(rewards_t, torch.tensor([r.prompt_id for r in rollouts], device=dev),
-                               estimator=cfg.rcpa.advantage.estimator, eps=cfg.rcpa.advantage.eps,
-                               batch_std=cfg.rcpa.advantage.batch_std, impl=self.impl)
-        batch = pack_rollouts(rollouts, adv.advantages.tolist(), pad_id=self.tok.pad_token_id, pad_to_multiple=8)
-        micro = split_micro_batches(batch, min(cfg.optim.micro_batch_size, batch.num_rollouts), g)
-        per_micro = micro[0].num_rollouts
-        extras = [self.family.micro_batch_inputs(prompts[mine], rollouts[i * per_micro:i * per_micro + m.num_rollouts])
-                  for i, m in enumerate(micro)]
-        lambda_t = self.curriculum.lambda_t(cfg.rcpa.loss.lambda_0)
-        step_cfg = StepConfig(loss=cfg.rcpa.loss, lambda_t=lambda_t, temperature=cfg.rollout.temperature,
-                              vocab_size=self.vocab_size, impl=self.impl)
-        trainer_forward = self.family.forward_fn
-        old = compute_logprobs(self.model, micro, step_cfg, trainer_forward, extras=extras)
-        ref = (compute_logprobs(self.reference, micro, step_cfg, trainer_forward, extras=extras)
-               if self.reference is not None else None)
+        traj = phases.score(ctx, traj, self.reward_fn)
+        traj = phases.advantages(ctx, traj)
+        traj = phases.logprobs(ctx, traj)
         times["logprob"] = time.perf_counter() - t1
 
         t2 = time.perf_counter()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(cfg, self.step)
-        n_up = cfg.optim.updates_per_step
-        per = max(1, len(micro) // n_up)
-        train_metrics: Dict[str, float] = {}
-        for u in range(0, len(micro), per):
-            sl = slice(u, u + per)
-            m = train_step(self.model, self.optimizer, micro[sl], old[sl] if old is not None else None, step_cfg,
-                           ref_logp=ref[sl] if ref is not None else None, forward_fn=trainer_forward,
-                           extras=extras[sl])
-            for k, v in m.items():
-                train_metrics[k] = train_metrics.get(k, 0.0) + v / math.ceil(len(micro) / per)
+        train_metrics = phases.update(ctx, traj)
         times["train"] = time.perf_counter() - t2
 
-        cur = self.curriculum.update(plan, [all_rewards[i * g:(i + 1) * g] for i in range(len(keys))])
+        g = self.cfg.rcpa.group_size
+        n_prompts = len(traj.plan.keys)
+        cur = self.curriculum.update(traj.plan, [traj.all_rewards[i * g:(i + 1) * g] for i in range(n_prompts)])
+        metrics = phases.step_metrics(ctx, traj, train_metrics, cur, times)
         self.step += 1
-        gen_tokens = float(batch.gen_mask.sum())
-        mismatch = 0.0
-        if old is not None:
-            lp = torch.cat([o.float() for o in old])
-            mismatch = float(((lp - batch.rollout_logp).abs() * batch.gen_mask).sum() / max(gen_tokens, 1.0))
-        total = sum(times.values())
-        metrics = dict(cur)
-        metrics.update({k: v for k, v in train_metrics.items()})
-        metrics.update({
-            "lambda_t": lambda_t, "zero_var_frac": adv.zero_var_frac, "lr": lr_at(cfg, self.step - 1),
-            "response_length": statistics.mean(len(r.response_tokens) for r in rollouts),
-            "logp_mismatch": mismatch, "time_rollout": times["rollout"], "time_logprob": times["logprob"],
-            "time_train": times["train"], "time_step": total,
-            "tokens_per_s": float(batch.lengths.sum()) * self.dp_size / max(total, 1e-9),
-        })
         metrics["phase_name"] = self.curriculum.phase
         return metrics
 

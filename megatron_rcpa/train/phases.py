@@ -1,0 +1,248 @@
+"""One RCPA step as a short recipe of named phases (RCPA_SPEC sections 2-5).
+
+    prompts -> rollout() -> score() -> advantages() -> logprobs() -> update()
+
+Each phase takes the :class:`StepContext` (the pieces built once: policy, optimizer, engine, ...) and a
+:class:`Trajectory` (this data-parallel rank's share of one step's data), fills in its part of the trajectory
+and returns it. The trainer (:mod:`megatron_rcpa.train.trainer`) runs the phases one after the other;
+the profiler (:mod:`megatron_rcpa.profiling.runner`) times exactly these functions, with synthetic prompts and
+rewards. Nothing here reads Megatron's global parallel state: the process groups come in the context.
+
+Batch sizes: ``data.prompts_per_step`` is the GLOBAL number of prompts per step (NeMo-RL's
+``num_prompts_per_step``, verl's ``train_batch_size``); each data-parallel rank takes
+``prompts_per_step / DP`` of them, ``rcpa.group_size`` rollouts each, and loads only its own samples.
+Rewards are gathered over data parallel, so the curriculum and the group advantages (with ``batch_std``, the
+std of the whole global batch) see the global batch on every rank.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_rcpa.algo.curriculum import Curriculum, CurriculumPlan
+from megatron_rcpa.rollout.batch import Rollout, RolloutBatch, pack_rollouts
+from megatron_rcpa.rollout.engine import PromptInput, RolloutEngine
+from megatron_rcpa.train.step import StepConfig, compute_logprobs, split_micro_batches, train_step
+
+__all__ = ["PHASES", "StepContext", "Trajectory", "StepConfigError", "check_batch_layout", "rollout", "score",
+           "advantages", "logprobs", "update", "step_metrics", "lr_at"]
+
+PHASES = ("rollout", "score", "advantages", "logprobs", "update")
+
+# rewards for one rank's rollouts: fn(trajectory) -> one float per rollout, in rollout order
+RewardFn = Callable[["Trajectory"], List[float]]
+
+
+class StepConfigError(ValueError):
+    """The batch layout of the configuration does not split over the parallel layout (message names the key)."""
+
+
+@dataclass
+class StepContext:
+    """What one RL step needs, built once (see :func:`megatron_rcpa.train.trainer.build_step_context`)."""
+
+    cfg: Any  # TrainConfig
+    groups: Any  # megatron_rcpa.runtime.parallel.ParallelGroups
+    model: torch.nn.Module  # megatron DDP-wrapped policy
+    optimizer: Any  # megatron optimizer
+    engine: RolloutEngine
+    curriculum: Curriculum
+    forward_fn: Callable  # the family's forward for the step functions: fn(model, micro-batch dict) -> logits
+    micro_batch_inputs: Callable  # the family's vision inputs: fn(prompts, rollouts) -> dict of tensors
+    vocab_size: int
+    pad_id: int
+    impl: str  # "triton" | "torch": the fused kernels or the plain-torch reference
+    reference: Optional[torch.nn.Module] = None  # frozen reference policy (rcpa.loss.beta > 0)
+
+    @property
+    def prompts_per_rank(self) -> int:
+        return self.cfg.data.prompts_per_step // self.groups.dp_size
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+@dataclass
+class Trajectory:
+    """This data-parallel rank's share of one step, filled in phase by phase."""
+
+    step: int
+    prompts: List[PromptInput]  # this rank's prompts
+    plan: CurriculumPlan  # the curriculum's plan for the GLOBAL batch (identical on every rank)
+    first_prompt: int  # index of this rank's first prompt in the global batch
+    rollouts: List[Rollout] = field(default_factory=list)  # G per prompt, prompt-major
+    rewards: List[float] = field(default_factory=list)  # this rank's rollouts
+    all_rewards: List[float] = field(default_factory=list)  # the global batch's, rank-major
+    advantages: Optional[torch.Tensor] = None  # this rank's rollouts
+    zero_var_frac: float = float("nan")  # over the global batch's groups
+    batch: Optional[RolloutBatch] = None
+    micro: List[RolloutBatch] = field(default_factory=list)
+    extras: List[Dict[str, torch.Tensor]] = field(default_factory=list)  # vision inputs per micro-batch
+    old_logp: Optional[List[torch.Tensor]] = None  # last pipeline stage only
+    ref_logp: Optional[List[torch.Tensor]] = None
+    step_config: Optional[StepConfig] = None
+
+    @property
+    def my_prefix_lens(self) -> List[int]:
+        return self.plan.k[self.first_prompt:self.first_prompt + len(self.prompts)]
+
+
+def check_batch_layout(cfg, dp_size: int) -> None:
+    """Config errors of the batch layout for ``dp_size`` data-parallel ranks, before any work is done."""
+    b, g = cfg.data.prompts_per_step, cfg.rcpa.group_size
+    if b % dp_size:
+        raise StepConfigError(f"data.prompts_per_step = {b} (the global number of prompts per step) must be a "
+                              f"multiple of the data-parallel size {dp_size}")
+    rows = b // dp_size * g
+    mbs = min(cfg.optim.micro_batch_size, rows)
+    if mbs % g:
+        raise StepConfigError(f"optim.micro_batch_size = {cfg.optim.micro_batch_size} must be a multiple of "
+                              f"rcpa.group_size = {g}: a prompt's rollouts must stay in one micro-batch")
+    if rows % mbs:
+        raise StepConfigError(f"{rows} rollouts per data-parallel rank (data.prompts_per_step / DP x "
+                              f"rcpa.group_size = {b} / {dp_size} x {g}) do not split into micro-batches of "
+                              f"optim.micro_batch_size = {mbs}")
+    n_micro, n_up = rows // mbs, cfg.optim.updates_per_step
+    if n_micro % n_up:
+        raise StepConfigError(f"optim.updates_per_step = {n_up} must divide the {n_micro} micro-batches per step "
+                              f"({rows} rollouts per rank / optim.micro_batch_size = {mbs})")
+
+
+def lr_at(cfg, step: int) -> float:
+    """The learning rate of (0-based) step ``step``: linear warm-up, then cosine / linear / constant decay."""
+    o = cfg.optim
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    x = min(1.0, (step - o.warmup_steps) / max(1, cfg.run.steps - o.warmup_steps))
+    if o.lr_schedule == "cosine":
+        return o.min_lr + (o.lr - o.min_lr) * 0.5 * (1 + math.cos(math.pi * x))
+    if o.lr_schedule == "linear":
+        return o.lr + (o.min_lr - o.lr) * x
+    return o.lr
+
+
+# --------------------------------------------------------------------------------------------- phases
+def plan_step(ctx: StepContext, step: int, prompts: Sequence[PromptInput]) -> Trajectory:
+    """This rank's prompts -> the curriculum's plan over the GLOBAL batch. Each rank formats only its own
+    samples; the prompts' keys and reference lengths are gathered over data parallel (small), so every rank
+    makes the identical plan."""
+    keys = [str(p.key) for p in prompts]
+    lengths = [len(p.reference_ids) if p.reference_ids is not None else None for p in prompts]
+    parts = _all_gather_objects((keys, lengths), ctx.groups)
+    all_keys = [k for part in parts for k in part[0]]
+    all_lengths = [n for part in parts for n in part[1]]
+    plan = ctx.curriculum.plan(all_keys, all_lengths)
+    return Trajectory(step=step, prompts=list(prompts), plan=plan, first_prompt=ctx.groups.dp_rank * len(prompts))
+
+
+def rollout(ctx: StepContext, traj: Trajectory) -> Trajectory:
+    """G rollouts per prompt, each starting with its forced prefix, on the training policy."""
+    traj.rollouts = ctx.engine.generate(traj.prompts, traj.my_prefix_lens, ctx.cfg.rcpa.group_size,
+                                        step=traj.step, dp_rank=ctx.groups.dp_rank)
+    return traj
+
+
+def score(ctx: StepContext, traj: Trajectory, reward_fn: RewardFn) -> Trajectory:
+    """Rewards of this rank's rollouts, then the global batch's on every rank (gathered over data parallel)."""
+    traj.rewards = [float(r) for r in reward_fn(traj)]
+    if len(traj.rewards) != len(traj.rollouts):
+        raise ValueError(f"the reward function returned {len(traj.rewards)} rewards for {len(traj.rollouts)} "
+                         "rollouts")
+    traj.all_rewards = [r for part in _all_gather_objects(traj.rewards, ctx.groups) for r in part]
+    return traj
+
+
+def advantages(ctx: StepContext, traj: Trajectory) -> Trajectory:
+    """Group advantages over the GLOBAL batch (so ``batch_std`` is the global std), this rank's rows kept;
+    then the rollouts are packed into fixed-shape micro-batches with their vision inputs."""
+    from megatron_rcpa.ops import group_advantages
+
+    cfg, g = ctx.cfg, ctx.cfg.rcpa.group_size
+    dev = ctx.device  # the Triton kernel needs the rewards on the GPU
+    n_all = len(traj.all_rewards)
+    rewards = torch.tensor(traj.all_rewards, dtype=torch.float32, device=dev)
+    group_ids = torch.arange(n_all // g, device=dev).repeat_interleave(g)
+    adv = group_advantages(rewards, group_ids, estimator=cfg.rcpa.advantage.estimator, eps=cfg.rcpa.advantage.eps,
+                           batch_std=cfg.rcpa.advantage.batch_std, impl=ctx.impl)
+    first = traj.first_prompt * g
+    traj.advantages = adv.advantages[first:first + len(traj.rollouts)].float().cpu()
+    traj.zero_var_frac = float(adv.zero_var_frac)
+    traj.batch = pack_rollouts(traj.rollouts, traj.advantages.tolist(), pad_id=ctx.pad_id, pad_to_multiple=8)
+    traj.micro = split_micro_batches(traj.batch, min(cfg.optim.micro_batch_size, traj.batch.num_rollouts), g)
+    per_micro = traj.micro[0].num_rollouts
+    traj.extras = [ctx.micro_batch_inputs(traj.prompts, traj.rollouts[i * per_micro:i * per_micro + m.num_rollouts])
+                   for i, m in enumerate(traj.micro)]
+    return traj
+
+
+def logprobs(ctx: StepContext, traj: Trajectory) -> Trajectory:
+    """Old-policy (and reference, when beta > 0) per-token log-probs through the pipeline schedule."""
+    cfg = ctx.cfg
+    traj.step_config = StepConfig(loss=cfg.rcpa.loss, lambda_t=ctx.curriculum.lambda_t(cfg.rcpa.loss.lambda_0),
+                                  temperature=cfg.rollout.temperature, vocab_size=ctx.vocab_size, impl=ctx.impl)
+    traj.old_logp = compute_logprobs(ctx.model, traj.micro, traj.step_config, ctx.forward_fn, extras=traj.extras,
+                                     groups=ctx.groups)
+    traj.ref_logp = (compute_logprobs(ctx.reference, traj.micro, traj.step_config, ctx.forward_fn,
+                                      extras=traj.extras, groups=ctx.groups)
+                     if ctx.reference is not None else None)
+    return traj
+
+
+def update(ctx: StepContext, traj: Trajectory, optimizer: Any = None) -> Dict[str, float]:
+    """``optim.updates_per_step`` optimizer updates over the micro-batches (the RCPA loss through megatron's
+    schedule and DDP); returns the train metrics averaged over the updates. ``optimizer`` overrides the
+    context's (the profiler passes a timing wrapper)."""
+    cfg = ctx.cfg
+    optimizer = optimizer if optimizer is not None else ctx.optimizer
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(cfg, traj.step)
+    n_micro, n_up = len(traj.micro), cfg.optim.updates_per_step
+    if n_micro % n_up:
+        raise StepConfigError(f"optim.updates_per_step = {n_up} must divide the {n_micro} micro-batches per step")
+    per = n_micro // n_up
+    out: Dict[str, float] = {}
+    for u in range(0, n_micro, per):
+        sl = slice(u, u + per)
+        m = train_step(ctx.model, optimizer, traj.micro[sl], traj.old_logp[sl] if traj.old_logp is not None else None,
+                       traj.step_config, ref_logp=traj.ref_logp[sl] if traj.ref_logp is not None else None,
+                       forward_fn=ctx.forward_fn, extras=traj.extras[sl], groups=ctx.groups)
+        for k, v in m.items():
+            out[k] = out.get(k, 0.0) + v / n_up
+    return out
+
+
+def step_metrics(ctx: StepContext, traj: Trajectory, train_metrics: Dict[str, float],
+                 curriculum_metrics: Dict[str, float], times: Dict[str, float]) -> Dict[str, Any]:
+    """The per-step metrics record (RCPA_SPEC section 5) from a finished trajectory."""
+    batch = traj.batch
+    gen_tokens = float(batch.gen_mask.sum())
+    mismatch = 0.0
+    if traj.old_logp is not None:
+        lp = torch.cat([o.float().cpu() for o in traj.old_logp])
+        mismatch = float(((lp - batch.rollout_logp).abs() * batch.gen_mask).sum() / max(gen_tokens, 1.0))
+    total = sum(times.values())
+    metrics: Dict[str, Any] = dict(curriculum_metrics)
+    metrics.update(train_metrics)
+    metrics.update({
+        "lambda_t": traj.step_config.lambda_t, "zero_var_frac": traj.zero_var_frac, "lr": lr_at(ctx.cfg, traj.step),
+        "response_length": statistics.mean(len(r.response_tokens) for r in traj.rollouts),
+        "logp_mismatch": mismatch, "time_rollout": times.get("rollout", 0.0),
+        "time_logprob": times.get("logprob", 0.0), "time_train": times.get("train", 0.0), "time_step": total,
+        "tokens_per_s": float(batch.lengths.sum()) * ctx.groups.dp_size / max(total, 1e-9),
+    })
+    return metrics
+
+
+def _all_gather_objects(obj: Any, groups) -> List[Any]:
+    """``obj`` of every data-parallel rank, in rank order."""
+    if groups.dp_size == 1:
+        return [obj]
+    out: List[Any] = [None] * groups.dp_size
+    torch.distributed.all_gather_object(out, obj, group=groups.dp_group)
+    return out
