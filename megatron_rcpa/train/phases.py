@@ -181,10 +181,13 @@ def advantages(ctx: StepContext, traj: Trajectory) -> Trajectory:
     return traj
 
 
-def logprobs(ctx: StepContext, traj: Trajectory) -> Trajectory:
-    """Old-policy (and reference, when beta > 0) per-token log-probs through the pipeline schedule."""
+def logprobs(ctx: StepContext, traj: Trajectory, lambda_t: Optional[float] = None) -> Trajectory:
+    """Old-policy (and reference, when beta > 0) per-token log-probs through the pipeline schedule. The
+    imitation weight is the curriculum's lambda_t unless ``lambda_t`` is given (the profiler fixes it)."""
     cfg = ctx.cfg
-    traj.step_config = StepConfig(loss=cfg.rcpa.loss, lambda_t=ctx.curriculum.lambda_t(cfg.rcpa.loss.lambda_0),
+    if lambda_t is None:
+        lambda_t = ctx.curriculum.lambda_t(cfg.rcpa.loss.lambda_0)
+    traj.step_config = StepConfig(loss=cfg.rcpa.loss, lambda_t=lambda_t,
                                   temperature=cfg.rollout.temperature, vocab_size=ctx.vocab_size, impl=ctx.impl)
     traj.old_logp = compute_logprobs(ctx.model, traj.micro, traj.step_config, ctx.forward_fn, extras=traj.extras,
                                      groups=ctx.groups)

@@ -74,16 +74,17 @@ def init_parallel(cfg: TrainConfig) -> None:
     model_parallel_cuda_manual_seed(cfg.run.seed)
 
 
-def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0):
-    """This rank's policy stage: the checkpoint's weights, or (``model.tiny``) weights drawn per tensor from
-    its global name, the same at every TP/PP layout."""
+def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: bool = True, **build_kwargs: Any):
+    """This rank's policy stage: the checkpoint's weights (``load=False``: its architecture with megatron's
+    random init), or (``model.tiny``) weights drawn per tensor from its global name, the same at every TP/PP
+    layout. ``build_kwargs`` go to the family's builder (e.g. the profiler's ``transformer_layer_spec``)."""
     from megatron_rcpa.convert.families import family_by_name
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
     if cfg.model.tiny:
         from megatron_rcpa.testing.models import init_global_weights
 
-        policy = family_by_name(cfg.model.family).build_policy(hf_config, params_dtype=dtype)
+        policy = family_by_name(cfg.model.family).build_policy(hf_config, params_dtype=dtype, **build_kwargs)
         # (megatron's own CPU init is not PP-invariant, and tied embedding copies must start equal)
         seed = cfg.run.seed + seed_offset
         init_global_weights(policy.language_model, seed=seed)
@@ -95,7 +96,7 @@ def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0):
         return policy
     from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint
 
-    policy, _ = build_policy_from_checkpoint(cfg.model.checkpoint, params_dtype=dtype)
+    policy, _ = build_policy_from_checkpoint(cfg.model.checkpoint, load=load, params_dtype=dtype, **build_kwargs)
     return policy
 
 

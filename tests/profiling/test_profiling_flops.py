@@ -176,8 +176,11 @@ def test_attention_conventions():
 
 # ------------------------------------------------------------------------------------- megatron GPTModel
 def _megatron_worker():
-    from megatron_rcpa.models.inference import KVCache  # noqa: F401 - imported where generate() needs it
-    from megatron_rcpa.profiling.runner import Policy, generate
+    import transformers
+
+    from megatron_rcpa.models.text_lm import build_text_policy
+    from megatron_rcpa.rollout.engine import PromptInput, RolloutEngine, SamplingParams
+    from megatron_rcpa.rollout.sampling import StopChecker
     from megatron_rcpa.testing import padded_vocab_size, tiny_gpt_model, tiny_transformer_config
 
     results = []
@@ -196,13 +199,19 @@ def _megatron_worker():
             model(tokens, pos, None).float().pow(2).mean().backward()  # noqa: B023
 
         train = counted(fwd_bwd)
-        policy = Policy(model, shape, None, 250, "tiny", text_vocab=250)
-        n = 6
-        gen = counted(lambda: generate(policy, tokens[:, :10], n, temperature=1.0, top_p=1.0,  # noqa: B023
-                                       generator=torch.Generator().manual_seed(0)))
         results.append({"forward": (sequence_forward_flops(shape, [s] * b), fwd),
-                        "train": (train_flops(shape, [s] * b), train),
-                        "rollout": (rollout_flops(shape, [10] * b, [n] * b), gen)})
+                        "train": (train_flops(shape, [s] * b), train)})
+
+    # the trainer's rollout engine (KV-cache decode) on a text-LM policy (GQA, QKV bias, SwiGLU: Qwen2)
+    hf = transformers.Qwen2Config(vocab_size=250, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    policy = build_text_policy(hf)
+    shape = DecoderShape.from_hf_config(hf, vocab_size=policy.padded_vocab_size)
+    engine = RolloutEngine(policy, vocab_size=250, pad_id=0, stop=StopChecker([]),
+                           params=SamplingParams(max_new_tokens=6))
+    prompts = [PromptInput(key=i, prompt_ids=torch.randint(1, 250, (10,)).tolist()) for i in range(3)]
+    gen = counted(lambda: engine.generate(prompts, [0, 0, 0], group_size=1, step=0))
+    results.append({"rollout": (rollout_flops(shape, [10] * 3, [6] * 3), gen)})
     return results
 
 

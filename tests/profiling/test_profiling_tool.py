@@ -1,5 +1,6 @@
-"""tools/profile_throughput.py end to end on a CPU: real RCPA steps (KV-cache rollout, log-prob recompute with a
-reference model, megatron train step and optimizer) on tiny models, one process, BF16."""
+"""tools/profile_throughput.py end to end on a CPU: the trainer's RCPA phases (KV-cache rollout, log-prob
+recompute with a reference model, megatron train step and optimizer) on tiny models of every trainer family, one
+process, BF16; and a proof that the profiler runs exactly the trainer's phase functions."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def _run_tool(tmp_path, yaml_text, *flags):
     return proc.stdout, report
 
 
-GPT_YAML = """
-model: {family: gpt, tiny: true}
+TEXT_YAML = """
+model: {family: llama, tiny: true}
 data: {prompts_per_step: 2}
 rollout: {max_new_tokens: 6}
 optim: {micro_batch_size: 4}
@@ -44,8 +45,8 @@ rcpa: {group_size: 2, loss: {beta: 0.05}}
 """
 
 
-def test_tiny_gpt_end_to_end(tmp_path):
-    stdout, report = _run_tool(tmp_path, GPT_YAML, "--steps", "2", "--prompt-len", "12", "--prefix-len", "3",
+def test_tiny_text_lm_end_to_end(tmp_path):
+    stdout, report = _run_tool(tmp_path, TEXT_YAML, "--steps", "2", "--prompt-len", "12", "--prefix-len", "3",
                                "--peak-tflops", "0.5", "rollout.temperature=0.8")
     for column in ("phase", "time ms", "tok/s/GPU", "TFLOP/s/GPU", "MFU", "peak mem GiB"):
         assert column in stdout
@@ -62,17 +63,19 @@ def test_tiny_gpt_end_to_end(tmp_path):
     for p in phases.values():
         assert len(p["times_s"]) == 2 and p["time_s"] > 0 and p["peak_memory_bytes"] is None  # CPU: no memory
 
-    # tokens and FLOPs are the analytic model's for what ran: 4 rollouts of 12 prompt + 6 generated tokens
-    rows, prompt, new = 4, 12, 6
+    # tokens and FLOPs are the analytic model's for what ran: 4 rollouts of 12 text tokens in the family's prompt
+    # format ("User: {prompt}\nAssistant:", a character tokenizer) + 3 forced + 6 generated tokens
+    rows, prompt, new = 4, len("User: ") + 12 + len("\nAssistant:") + 3, 6
+    assert cfg["prompt_tokens"] == prompt - 3 and cfg["prefix_len"] == 3
     shape = DecoderShape(**cfg["decoder"])
-    assert shape == DecoderShape(4, 64, 4, 4, 16, 128, 256, gated_mlp=False)
+    assert shape == DecoderShape(2, 64, 4, 2, 16, 128, 128, gated_mlp=True, tied_embeddings=True)
     assert phases["rollout"]["tokens"] == rows * new
     assert phases["rollout"]["flops"] == rollout_flops(shape, [prompt] * rows, [new] * rows)
     lengths = [prompt + new] * rows
     assert phases["logprob"]["tokens"] == phases["train"]["tokens"] == sum(lengths)
     assert phases["logprob"]["flops"] == logprob_flops(shape, lengths, passes=2)  # policy + reference (beta > 0)
     assert phases["train"]["flops"] == train_flops(shape, lengths)
-    assert phases["train"]["padded_tokens"] == rows * 24  # 18 tokens padded to a multiple of 8
+    assert phases["train"]["padded_tokens"] == rows * 40  # 35 tokens padded to a multiple of 8
     assert phases["optimizer"]["flops"] is None and phases["optimizer"]["tokens"] is None
     for name in ("rollout", "logprob", "train"):
         p = phases[name]
@@ -97,14 +100,62 @@ def test_tiny_qwen2_5_vl_end_to_end(tmp_path):
     _, report = _run_tool(tmp_path, VL_YAML, "--steps", "1", "--prompt-len", "10")
     cfg = report["config"]
     assert cfg["vision"]["depth"] == 2 and cfg["image_grid"] == [1, 4, 4]
-    assert cfg["prompt_tokens"] == 10 + 4 + 2  # text, 4 image tokens between vision start/end
+    # ChatML: <|im_start|>user\n, 4 image tokens between vision start/end, 10 text tokens,
+    # <|im_end|>\n<|im_start|>assistant\n (character tokenizer)
+    assert cfg["prompt_tokens"] == 1 + 5 + (4 + 2) + 10 + 1 + 1 + 1 + 10
     (run,) = report["runs"]
     assert run["peak_tflops_per_gpu"] is None and all(p["mfu"] is None for p in run["phases"])
     phases = {p["phase"]: p for p in run["phases"]}
     decoder = DecoderShape(**cfg["decoder"])
     vision = VisionShape(**cfg["vision"])
-    rows, lengths, grids = 4, [16 + 4] * 4, [(1, 4, 4)] * 4  # every rollout row carries its prompt's image
-    assert phases["rollout"]["flops"] == rollout_flops(decoder, [16] * rows, [4] * rows, vision=vision, grids=grids)
+    p = cfg["prompt_tokens"]
+    rows, lengths, grids = 4, [p + 4] * 4, [(1, 4, 4)] * 4  # every rollout row carries its prompt's image
+    assert phases["rollout"]["flops"] == rollout_flops(decoder, [p] * rows, [4] * rows, vision=vision, grids=grids)
     assert phases["logprob"]["flops"] == logprob_flops(decoder, lengths, vision=vision, grids=grids)  # beta = 0
     assert phases["train"]["flops"] == train_flops(decoder, lengths, vision=vision, grids=grids)
     assert cfg["reference_model"] is False
+
+
+LLAVA_YAML = """
+model: {family: llava, tiny: true}
+data: {prompts_per_step: 2}
+rollout: {max_new_tokens: 3}
+optim: {micro_batch_size: 2}
+rcpa: {group_size: 2}
+"""
+
+
+def test_tiny_llava_end_to_end(tmp_path):
+    stdout, report = _run_tool(tmp_path, LLAVA_YAML, "--steps", "1", "--prompt-len", "8")
+    cfg = report["config"]
+    assert cfg["family"] == "llava" and cfg["rollouts_per_step"] == 4
+    assert cfg["vision"] is None and "its FLOPs are not counted" in stdout  # said, not hidden
+    phases = {p["phase"]: p for p in report["runs"][0]["phases"]}
+    assert phases["rollout"]["tokens"] == 4 * 3
+
+
+def test_profiler_runs_the_trainers_phase_functions(monkeypatch):
+    """The profiler times megatron_rcpa.train.phases itself: every phase is called once per step, in order."""
+    from megatron_rcpa.profiling.peaks import detect_device
+    from megatron_rcpa.profiling.precision import parse_precisions
+    from megatron_rcpa.profiling.runner import ProfileSettings, megatron_session, profile_precision
+    from megatron_rcpa.train import phases
+    from megatron_rcpa.train.config import load_config
+
+    calls = []
+    for name in ("rollout", "score", "advantages", "logprobs", "update"):
+        real = getattr(phases, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(phases, name, spy)
+    cfg = load_config(None, ["model.family=qwen2", "model.tiny=true", "data.prompts_per_step=2",
+                             "rollout.max_new_tokens=2", "optim.micro_batch_size=2", "rcpa.group_size=2"])
+    settings = ProfileSettings(steps=1, warmup=1, prompt_len=6)
+    with megatron_session(1, 1, 0):
+        record, summary = profile_precision(cfg, parse_precisions("bf16")[0], settings, detect_device(),
+                                            log=lambda *a: None)
+    assert calls == ["rollout", "score", "advantages", "logprobs", "update"] * 2
+    assert summary["family"] == "qwen2" and record["steps"] == 1
