@@ -44,8 +44,9 @@ setup(
         ],
     },
     extras_require={
-        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6.100", "ruff>=0.5"],
+        "test": ["pytest>=8", "pytest-timeout", "hypothesis>=6.100", "ruff>=0.5", "math-verify>=0.7"],
         "wandb": ["wandb"],
+        "math": ["math-verify>=0.7"],
         # GPU images (NGC PyTorch) already ship these; listed so `pip install .[gpu]` documents them.
         "gpu": ["transformer-engine[pytorch]"],
     },

@@ -479,6 +479,14 @@ class SampleDataset(Sequence[Sample]):
     def ids(self) -> List[str]:
         return [r.id for r in self._records]
 
+    def reference_sets(self) -> List[List[str]]:
+        """Every sample's references (all of them where a row gives several), without decoding images."""
+        out = []
+        for r in self._records:
+            refs = r.meta.get("all_references") or ([r.reference] if r.reference else [])
+            out.append([str(x) for x in refs])
+        return out
+
     def _sample(self, rec: _Record) -> Sample:
         if rec.images is not None:
             images = [im.copy() for im in rec.images]

@@ -187,6 +187,14 @@ class CiderDReward:
         self.scorer = scorer if scorer is not None else CiderD(n, sigma, corpus)
         self.use_answer_tag = use_answer_tag
 
+    def fit_references(self, reference_sets: Iterable[RefSet]) -> None:
+        """Fit the document frequencies once on the training set's references (the trainer calls this), so
+        the reward does not depend on the batch or the parallel layout; a corpus given explicitly wins."""
+        if not self.scorer.fitted:
+            sets = [list(r) for r in reference_sets if r]
+            if len({tuple(r) for r in sets}) >= 2:
+                self.scorer.fit(sets)
+
     def __call__(self, responses: Sequence[str], references: Sequence[Any], **_: Any) -> List[float]:
         pairs = prepare_pairs(responses, references, "cider_d", self.use_answer_tag)
         cands = [c for c, _ in pairs]

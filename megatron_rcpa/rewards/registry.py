@@ -13,8 +13,11 @@ The reward contract (batched)::
   A reward takes what it needs and must accept and ignore the rest (end its signature with ``**_``).
 - It returns one finite float per response.
 
-A config string selects a reward: a registered name (``"math_answer"``) or an import path
-(``"my_pkg.my_module:my_reward"``; ``"my_pkg.my_module.my_reward"`` also works). ``get_reward`` returns a
+A config string selects a reward: a registered name (``"math_answer"``), an import path
+(``"my_pkg.my_module:my_reward"``; ``"my_pkg.my_module.my_reward"`` also works) or a file path
+(``"rewards/geo.py:compute_score"``). Functions written for verl (``compute_score(data_source, solution_str,
+ground_truth, extra_info)``) or TRL (``f(prompts, completions, **columns)``) are adapted (:mod:`.adapters`,
+which also lists the sample fields the trainer passes). ``get_reward`` returns a
 :class:`RewardFunction` that calls the reward and then :func:`check_rewards`, so a NaN/inf or a wrong count
 stops the run with an error naming the sample instead of poisoning the advantages.
 
@@ -97,17 +100,46 @@ def check_rewards(values: Sequence[Any], responses: Sequence[str], name: str = "
     return out
 
 
+def _load_file_module(path: str, spec_text: str) -> Any:
+    """A Python file as a module (its code runs: a reward given by file path is trusted code, like an import)."""
+    import importlib.util
+    import os
+    import sys
+
+    if not os.path.isfile(path):
+        raise ValueError(f"reward {spec_text!r}: the file {path!r} does not exist")
+    mod_name = f"_rcpa_reward_{abs(hash(os.path.abspath(path)))}"
+    if mod_name in sys.modules:
+        return sys.modules[mod_name]
+    spec = importlib.util.spec_from_file_location(mod_name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"reward {spec_text!r}: {path!r} cannot be loaded as a Python module")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[mod_name] = mod
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as exc:
+        del sys.modules[mod_name]
+        raise ValueError(f"reward {spec_text!r}: importing {path!r} failed ({type(exc).__name__}: {exc})") from exc
+    return mod
+
+
 def _import_object(path: str) -> Any:
     if ":" in path:
-        mod_name, _, attr = path.partition(":")
+        mod_name, _, attr = path.rpartition(":")
     else:
         mod_name, _, attr = path.rpartition(".")
     if not mod_name or not attr:
-        raise ValueError(f"reward import path {path!r} is malformed: expected 'package.module:function'")
-    try:
-        mod = importlib.import_module(mod_name)
-    except ImportError as exc:
-        raise ValueError(f"reward {path!r}: cannot import module {mod_name!r} ({exc})") from exc
+        raise ValueError(f"reward import path {path!r} is malformed: expected 'package.module:function' or "
+                         "'path/to/file.py:function'")
+    if mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name:
+        mod = _load_file_module(mod_name, path)
+        mod_name = mod_name.rsplit("/", 1)[-1]
+    else:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError as exc:
+            raise ValueError(f"reward {path!r}: cannot import module {mod_name!r} ({exc})") from exc
     obj: Any = mod
     for part in attr.split("."):
         if not hasattr(obj, part):
@@ -142,13 +174,17 @@ class RewardFunction:
         return f"RewardFunction({self.name!r})"
 
 
-def get_reward(spec: Any, **kwargs: Any) -> RewardFunction:
+def get_reward(spec: Any, *, api: str = "auto", **kwargs: Any) -> RewardFunction:
     """Resolve a reward by registered name, import path, or a callable, bind ``kwargs`` and wrap it.
 
-    ``spec`` may be a registered name, ``"pkg.mod:fn"`` / ``"pkg.mod.fn"``, a callable, or an existing
-    :class:`RewardFunction` (returned as is when no kwargs are given). Classes are instantiated with
-    ``kwargs``; functions get them bound. Unknown names raise ``ValueError`` listing the registered ones.
+    ``spec`` may be a registered name, ``"pkg.mod:fn"`` / ``"pkg.mod.fn"``, ``"path/to/file.py:fn"``, a
+    callable, or an existing :class:`RewardFunction` (returned as is when no kwargs are given). Classes are
+    instantiated with ``kwargs``; functions get them bound. Unknown names raise ``ValueError`` listing the
+    registered ones. ``api`` (``auto`` | ``rcpa`` | ``verl`` | ``trl``): the function's calling convention,
+    adapted by :mod:`.adapters` (``auto`` reads its signature).
     """
+    from .adapters import adapt
+
     if isinstance(spec, RewardFunction) and not kwargs:
         return spec
     if isinstance(spec, str):
@@ -175,7 +211,7 @@ def get_reward(spec: Any, **kwargs: Any) -> RewardFunction:
         fn = functools.partial(obj, **kwargs)
     else:
         fn = obj
-    return RewardFunction(fn, name)
+    return RewardFunction(adapt(fn, name, api), name)
 
 
 def list_rewards() -> List[str]:

@@ -121,8 +121,14 @@ class OptimConfig:
 
 @dataclass
 class RewardConfig:
-    name: str = "math_answer"  # a registered reward or an import path "pkg.module:function"
+    name: str = "math_answer"  # a registered reward, an import path "pkg.module:fn" or a file "path/x.py:fn"
     kwargs: Dict[str, Any] = field(default_factory=dict)
+    api: str = "auto"  # the function's convention: auto (from its signature) | rcpa | verl | trl
+
+    def __post_init__(self) -> None:
+        from megatron_rcpa.rewards.adapters import API_STYLES
+
+        _check_choice("reward", "api", self.api, API_STYLES)
 
 
 @dataclass

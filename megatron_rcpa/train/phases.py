@@ -76,6 +76,7 @@ class Trajectory:
     prompts: List[PromptInput]  # this rank's prompts
     plan: CurriculumPlan  # the curriculum's plan for the GLOBAL batch (identical on every rank)
     first_prompt: int  # index of this rank's first prompt in the global batch
+    samples: List[Any] = field(default_factory=list)  # the data samples behind ``prompts`` (for the reward)
     rollouts: List[Rollout] = field(default_factory=list)  # G per prompt, prompt-major
     rewards: List[float] = field(default_factory=list)  # this rank's rollouts
     all_rewards: List[float] = field(default_factory=list)  # the global batch's, rank-major
@@ -128,7 +129,8 @@ def lr_at(cfg, step: int) -> float:
 
 
 # --------------------------------------------------------------------------------------------- phases
-def plan_step(ctx: StepContext, step: int, prompts: Sequence[PromptInput]) -> Trajectory:
+def plan_step(ctx: StepContext, step: int, prompts: Sequence[PromptInput], samples: Sequence[Any] = ()
+              ) -> Trajectory:
     """This rank's prompts -> the curriculum's plan over the GLOBAL batch. Each rank formats only its own
     samples; the prompts' keys and reference lengths are gathered over data parallel (small), so every rank
     makes the identical plan."""
@@ -138,7 +140,8 @@ def plan_step(ctx: StepContext, step: int, prompts: Sequence[PromptInput]) -> Tr
     all_keys = [k for part in parts for k in part[0]]
     all_lengths = [n for part in parts for n in part[1]]
     plan = ctx.curriculum.plan(all_keys, all_lengths)
-    return Trajectory(step=step, prompts=list(prompts), plan=plan, first_prompt=ctx.groups.dp_rank * len(prompts))
+    return Trajectory(step=step, prompts=list(prompts), plan=plan, first_prompt=ctx.groups.dp_rank * len(prompts),
+                      samples=list(samples))
 
 
 def rollout(ctx: StepContext, traj: Trajectory) -> Trajectory:

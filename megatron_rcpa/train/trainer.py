@@ -114,6 +114,17 @@ def _init_by_name(module: torch.nn.Module, seed: int, std: float) -> None:
         p.copy_(full.to(device=p.device, dtype=p.dtype))
 
 
+def reference_sets(dataset) -> List[List[str]]:
+    """Every sample's references (all of them where a row gives several), without decoding images."""
+    if hasattr(dataset, "reference_sets"):
+        return dataset.reference_sets()
+    out = []
+    for s in dataset:
+        refs = s.meta.get("all_references") or ([s.reference] if s.reference else [])
+        out.append([str(r) for r in refs])
+    return out
+
+
 def build_dataset(cfg: TrainConfig):
     if cfg.data.path is None:
         from megatron_rcpa.data.synthetic import make_synthetic_dataset
@@ -205,16 +216,23 @@ class Trainer:
         # the global batch is data.prompts_per_step prompts; this rank loads only its share of them
         self.sampler = PromptSampler(self.dataset, cfg.data.prompts_per_step // self.dp_size, seed=cfg.run.seed,
                                      shuffle=cfg.data.shuffle, dp_rank=self.dp_rank, dp_size=self.dp_size)
-        self.reward = get_reward(cfg.reward.name, **cfg.reward.kwargs)
+        self.reward = get_reward(cfg.reward.name, api=cfg.reward.api, **cfg.reward.kwargs)
+        fit = getattr(self.reward.fn, "fit_references", None)
+        if callable(fit):  # e.g. CIDEr-D's document frequencies: once, on the training references (any layout)
+            fit(reference_sets(self.dataset))
         self.impl = self.ctx.impl
         self.step = 0
         self.logger = MetricsLogger(cfg, enabled=self.is_logger)
 
     def reward_fn(self, traj: Trajectory) -> List[float]:
-        """The configured reward of this rank's rollouts: (decoded responses, the prompts' references)."""
+        """The configured reward of this rank's rollouts: decoded responses, the prompts' references and each
+        rollout's sample fields (:mod:`megatron_rcpa.rewards.adapters` lists them)."""
+        from megatron_rcpa.rewards.fields import sample_fields
+
         responses = [self.tok.decode(r.response_tokens) for r in traj.rollouts]
         refs = [traj.prompts[r.prompt_id].reference for r in traj.rollouts]
-        return self.reward(responses, refs)
+        fields = sample_fields([traj.samples[r.prompt_id] for r in traj.rollouts]) if traj.samples else {}
+        return self.reward(responses, refs, **fields)
 
     # -------------------------------------------------------------------------------------- checkpoint
     def checkpoint_dir(self, step: int) -> str:
@@ -309,7 +327,7 @@ class Trainer:
         ctx, times = self.ctx, {}
         t0 = time.perf_counter()
         samples = self.sampler.next_batch()  # this rank's share; an unreadable image: the next loadable sample
-        traj = phases.plan_step(ctx, self.step, [self.family.format(s) for s in samples])
+        traj = phases.plan_step(ctx, self.step, [self.family.format(s) for s in samples], samples)
         traj = phases.rollout(ctx, traj)
         times["rollout"] = time.perf_counter() - t0
 
