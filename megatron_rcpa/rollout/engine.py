@@ -41,6 +41,7 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 64
+    greedy: bool = False  # argmax instead of sampling (validation); temperature still scales the log-probs
 
 
 class RolloutEngine:
@@ -112,7 +113,8 @@ class RolloutEngine:
             if self.banned:
                 logits = logits.clone()
                 logits[:, self.banned] = float("-inf")
-            tok, lp = sample_next_tokens(logits, temperature=p.temperature, top_p=p.top_p, generator=gen)
+            tok, lp = sample_next_tokens(logits, temperature=p.temperature, top_p=p.top_p, generator=gen,
+                                         greedy=p.greedy)
         else:
             tok = torch.zeros(batch, dtype=torch.long, device=device)
             lp = torch.zeros(batch, dtype=torch.float32, device=device)

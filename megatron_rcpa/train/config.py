@@ -29,6 +29,10 @@ class RunConfig:
     resume: str = "auto"  # auto (latest checkpoint in output_dir if any) | never | a checkpoint directory
     progress_bar: bool = True
     kernels: str = "auto"  # triton | torch | auto (Triton kernels on GPU, the plain-torch path on CPU)
+    val_interval: int = 0  # steps between validations on data.val_path; 0 = only at the end (if val_path)
+    val_before_train: bool = False  # validate at step 0 too: the baseline before any update
+    val_greedy: bool = True  # greedy decoding for validation (else the rollout temperature / top-p)
+    val_generations: int = 16  # generations written to <output_dir>/generations/step_N.jsonl per validation
 
     def __post_init__(self) -> None:
         o = "run"
@@ -37,6 +41,8 @@ class RunConfig:
         _check_int(o, "save_interval", self.save_interval, 0)
         _check_int(o, "seed", self.seed, 0)
         _check_choice(o, "kernels", self.kernels, ("auto", "triton", "torch"))
+        _check_int(o, "val_interval", self.val_interval, 0)
+        _check_int(o, "val_generations", self.val_generations, 0)
 
 
 @dataclass
@@ -73,7 +79,9 @@ class DataConfig:
     prompt_key: str = "prompt"
     reference_key: str = "reference"
     image_key: Optional[str] = None  # None: "images" when present, else "image"
-    prompts_per_step: int = 8  # B prompts; B * rcpa.group_size rollouts per step
+    prompts_per_step: int = 8  # B prompts per step over ALL data-parallel ranks (B / DP each), G rollouts each
+    val_path: Optional[str] = None  # held-out data (same format/keys as path) for validation (run.val_interval)
+    val_max_samples: int = 0  # validate on the first N held-out samples; 0 = all
     shuffle: bool = True
 
     def __post_init__(self) -> None:
@@ -82,6 +90,7 @@ class DataConfig:
         _check_choice("data", "synthetic_reference", self.synthetic_reference, ("full", "short"))
         _check_int("data", "image_size", self.image_size, 28)
         _check_int("data", "prompts_per_step", self.prompts_per_step, 1)
+        _check_int("data", "val_max_samples", self.val_max_samples, 0)
 
 
 @dataclass

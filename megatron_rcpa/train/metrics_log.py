@@ -72,6 +72,21 @@ class MetricsLogger:
             self._bar = tqdm(total=self.total, initial=step, desc=self.cfg.run.name, unit="step",
                              file=sys.stderr, dynamic_ncols=True)
 
+    def record(self, step: int, metrics: Dict[str, float]) -> None:
+        """Metrics outside a training step (e.g. validation at step 0): to metrics.jsonl, TensorBoard and wandb,
+        without a console step line."""
+        if not self.enabled or not metrics:
+            return
+        self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self._jsonl.flush()
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        if self._tb is not None:
+            for k, v in numeric.items():
+                self._tb.add_scalar(k, v, step)
+            self._tb.flush()
+        if self._wandb is not None:
+            self._wandb.log(numeric, step=step)
+
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
             return

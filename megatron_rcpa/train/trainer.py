@@ -125,6 +125,19 @@ def reference_sets(dataset) -> List[List[str]]:
     return out
 
 
+def build_val_samples(cfg: TrainConfig) -> List[Any]:
+    """The held-out samples of ``data.val_path`` (the first ``data.val_max_samples``), or [] without one."""
+    if not cfg.data.val_path:
+        return []
+    from megatron_rcpa.data.readers import ReaderConfig, load_samples
+
+    rc = ReaderConfig(prompt_field=cfg.data.prompt_key, reference_field=cfg.data.reference_key,
+                      image_field=cfg.data.image_key)
+    ds = load_samples(cfg.data.val_path, config=rc)
+    n = len(ds) if not cfg.data.val_max_samples else min(len(ds), cfg.data.val_max_samples)
+    return [ds[i] for i in range(n)]
+
+
 def build_dataset(cfg: TrainConfig):
     if cfg.data.path is None:
         from megatron_rcpa.data.synthetic import make_synthetic_dataset
@@ -221,6 +234,7 @@ class Trainer:
         if callable(fit):  # e.g. CIDEr-D's document frequencies: once, on the training references (any layout)
             fit(reference_sets(self.dataset))
         self.impl = self.ctx.impl
+        self.val_samples = build_val_samples(cfg)
         self.step = 0
         self.logger = MetricsLogger(cfg, enabled=self.is_logger)
 
@@ -349,6 +363,21 @@ class Trainer:
         metrics["phase_name"] = self.curriculum.phase
         return metrics
 
+    def validate(self) -> Dict[str, float]:
+        """``val/*`` metrics of the held-out set at the current step (logged; generations written)."""
+        from megatron_rcpa.train.validation import validate, validation_line
+
+        m = validate(self.ctx, self.val_samples, self.family.format, self.reward, self.tok.decode, self.step,
+                     greedy=self.cfg.run.val_greedy, max_generations=self.cfg.run.val_generations,
+                     write=self.is_logger)
+        if m:
+            self.logger.info(validation_line(self.step, m))
+        return m
+
+    def _validate_now(self) -> bool:
+        every = self.cfg.run.val_interval
+        return bool(self.val_samples) and ((every and self.step % every == 0) or self.step == self.cfg.run.steps)
+
     def fit(self) -> List[Dict[str, float]]:
         cfg = self.cfg
         resume = self.resume_dir()
@@ -356,9 +385,13 @@ class Trainer:
             self.load(resume)
             self.logger.info(f"resumed from {resume} at step {self.step}")
         history = []
+        if cfg.run.val_before_train and self.val_samples and self.step == 0:
+            self.logger.record(0, self.validate())  # the baseline, before any update
         self.logger.start(self.step)
         while self.step < cfg.run.steps:
             m = self.train_one_step()
+            if self._validate_now():
+                m.update(self.validate())
             history.append(m)
             self.logger.log(self.step, m)
             if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < cfg.run.steps:
