@@ -118,6 +118,8 @@ class OptimConfig:
     clip_grad: float = 1.0
     micro_batch_size: int = 8  # rollouts per micro-batch in the train step
     updates_per_step: int = 1  # optimizer steps per batch of rollouts (mini-batches)
+    recompute_old_logp: str = "auto"  # auto: a separate old-policy forward only when updates_per_step > 1 | always
+    length_buckets: bool = True  # micro-batches of similar-length groups, each padded to its own length (PP=1)
 
     def __post_init__(self) -> None:
         _check_real("optim", "lr", self.lr, lo=0.0)
@@ -126,6 +128,7 @@ class OptimConfig:
         _check_real("optim", "clip_grad", self.clip_grad, lo=0.0)
         _check_int("optim", "micro_batch_size", self.micro_batch_size, 1)
         _check_int("optim", "updates_per_step", self.updates_per_step, 1)
+        _check_choice("optim", "recompute_old_logp", self.recompute_old_logp, ("auto", "always"))
 
 
 @dataclass

@@ -176,24 +176,51 @@ def advantages(ctx: StepContext, traj: Trajectory) -> Trajectory:
     first = traj.first_prompt * g
     traj.advantages = adv.advantages[first:first + len(traj.rollouts)].float().cpu()
     traj.zero_var_frac = float(adv.zero_var_frac)
-    traj.batch = pack_rollouts(traj.rollouts, traj.advantages.tolist(), pad_id=ctx.pad_id, pad_to_multiple=8)
-    traj.micro = split_micro_batches(traj.batch, min(cfg.optim.micro_batch_size, traj.batch.num_rollouts), g)
-    per_micro = traj.micro[0].num_rollouts
-    traj.extras = [ctx.micro_batch_inputs(traj.prompts, traj.rollouts[i * per_micro:i * per_micro + m.num_rollouts])
-                   for i, m in enumerate(traj.micro)]
+    adv_list = traj.advantages.tolist()
+    traj.batch = pack_rollouts(traj.rollouts, adv_list, pad_id=ctx.pad_id, pad_to_multiple=8)
+    mbs = min(cfg.optim.micro_batch_size, traj.batch.num_rollouts)
+    traj.micro = split_micro_batches(traj.batch, mbs, g)  # checks the layout too
+    rows = [list(range(i, i + mbs)) for i in range(0, traj.batch.num_rollouts, mbs)]
+    if cfg.optim.length_buckets and ctx.groups.pp_size == 1 and len(rows) > 1:
+        # whole groups sorted by length, each micro-batch padded only to its own longest rollout (pipeline
+        # parallelism needs one shape for all micro-batches, so PP > 1 keeps the batch-wide padding)
+        order = _groups_by_length(traj.rollouts, g)
+        rows = [order[i:i + mbs] for i in range(0, len(order), mbs)]
+        traj.micro = [pack_rollouts([traj.rollouts[r] for r in rs], [adv_list[r] for r in rs], pad_id=ctx.pad_id,
+                                    pad_to_multiple=8) for rs in rows]
+    traj.extras = [ctx.micro_batch_inputs(traj.prompts, [traj.rollouts[r] for r in rs]) for rs in rows]
     return traj
 
 
+def _groups_by_length(rollouts: Sequence[Rollout], group_size: int) -> List[int]:
+    """Rollout indices, whole groups (consecutive ``group_size`` rows) ordered by their longest rollout
+    (longest first; ties keep their order)."""
+    n_groups = len(rollouts) // group_size
+    longest = [max(len(rollouts[i * group_size + j].tokens) for j in range(group_size)) for i in range(n_groups)]
+    ranked = sorted(range(n_groups), key=lambda i: -longest[i])
+    return [i * group_size + j for i in ranked for j in range(group_size)]
+
+
+def recompute_old_logp(cfg) -> bool:
+    """Whether the old-policy log-probs need their own forward pass: with several updates per step (the policy
+    moves between them) or when asked (``optim.recompute_old_logp=always``). With one update the old policy is
+    the current one, and the training forward gives its log-probs (train/step.py)."""
+    return cfg.optim.recompute_old_logp == "always" or cfg.optim.updates_per_step > 1
+
+
 def logprobs(ctx: StepContext, traj: Trajectory, lambda_t: Optional[float] = None) -> Trajectory:
-    """Old-policy (and reference, when beta > 0) per-token log-probs through the pipeline schedule. The
-    imitation weight is the curriculum's lambda_t unless ``lambda_t`` is given (the profiler fixes it)."""
+    """Old-policy (when :func:`recompute_old_logp`) and reference (when beta > 0) per-token log-probs through
+    the pipeline schedule. The imitation weight is the curriculum's lambda_t unless ``lambda_t`` is given
+    (the profiler fixes it)."""
     cfg = ctx.cfg
     if lambda_t is None:
         lambda_t = ctx.curriculum.lambda_t(cfg.rcpa.loss.lambda_0)
     traj.step_config = StepConfig(loss=cfg.rcpa.loss, lambda_t=lambda_t,
                                   temperature=cfg.rollout.temperature, vocab_size=ctx.vocab_size, impl=ctx.impl)
-    traj.old_logp = compute_logprobs(ctx.model, traj.micro, traj.step_config, ctx.forward_fn, extras=traj.extras,
-                                     groups=ctx.groups)
+    traj.old_logp = None
+    if recompute_old_logp(cfg):
+        traj.old_logp = compute_logprobs(ctx.model, traj.micro, traj.step_config, ctx.forward_fn,
+                                         extras=traj.extras, groups=ctx.groups)
     traj.ref_logp = (compute_logprobs(ctx.reference, traj.micro, traj.step_config, ctx.forward_fn,
                                       extras=traj.extras, groups=ctx.groups)
                      if ctx.reference is not None else None)
@@ -228,17 +255,18 @@ def step_metrics(ctx: StepContext, traj: Trajectory, train_metrics: Dict[str, fl
     """The per-step metrics record (RCPA_SPEC section 5) from a finished trajectory."""
     batch = traj.batch
     gen_tokens = float(batch.gen_mask.sum())
-    mismatch = 0.0
-    if traj.old_logp is not None:
-        lp = torch.cat([o.float().cpu() for o in traj.old_logp])
-        mismatch = float(((lp - batch.rollout_logp).abs() * batch.gen_mask).sum() / max(gen_tokens, 1.0))
-    total = sum(times.values())
     metrics: Dict[str, Any] = dict(curriculum_metrics)
     metrics.update(train_metrics)
+    if traj.old_logp is not None:  # this rank's rollouts vs the recompute (else the loss reported it)
+        diff = sum(float(((o.float().cpu() - m.rollout_logp).abs() * m.gen_mask).sum())
+                   for o, m in zip(traj.old_logp, traj.micro))
+        metrics["logp_mismatch"] = diff / max(gen_tokens, 1.0)
+    padded = sum(m.tokens.numel() for m in traj.micro)
+    total = sum(times.values())
     metrics.update({
         "lambda_t": traj.step_config.lambda_t, "zero_var_frac": traj.zero_var_frac, "lr": lr_at(ctx.cfg, traj.step),
         "response_length": statistics.mean(len(r.response_tokens) for r in traj.rollouts),
-        "logp_mismatch": mismatch, "time_rollout": times.get("rollout", 0.0),
+        "padding_frac": 1.0 - float(batch.lengths.sum()) / max(padded, 1), "time_rollout": times.get("rollout", 0.0),
         "time_logprob": times.get("logprob", 0.0), "time_train": times.get("train", 0.0), "time_step": total,
         "tokens_per_s": float(batch.lengths.sum()) * ctx.groups.dp_size / max(total, 1e-9),
     })

@@ -86,13 +86,25 @@ class StepConfig:
 
 def _loss_func(cfg: StepConfig, counts: GlobalCounts, scale: float, tp_group, mb: Dict[str, torch.Tensor],
                output_tensor: torch.Tensor):
-    from megatron_rcpa.ops import rcpa_loss_from_logits
+    from megatron_rcpa.ops import masked_logprob, rcpa_loss_from_logits
 
+    old_logp = mb.get("old_logp")
+    extra: Dict[str, torch.Tensor] = {}
+    if old_logp is None:
+        # one update per step: the old policy IS the current one, so its log-probs are this forward's, detached
+        # (the ratio is exactly 1 and the clipped objective's gradient is A * grad log p); no second forward
+        mask = mb["gen_mask"] | mb["constrained_mask"]
+        old_logp = masked_logprob(output_tensor.detach(), mb["targets"], mask, temperature=cfg.temperature,
+                                  tp_group=tp_group, vocab_size=cfg.vocab_size, impl=cfg.impl).detach()
+        gen = mb["gen_mask"]
+        diff = ((old_logp.float() - mb["rollout_logp"].float()).abs() * gen).sum()
+        extra["logp_mismatch"] = diff / max(counts.num_gen_tokens, 1.0)  # summed over micro-batches and DP
     loss, metrics = rcpa_loss_from_logits(
-        output_tensor, mb["targets"], mb["old_logp"], mb["advantages"], mb["gen_mask"], config=cfg.loss,
+        output_tensor, mb["targets"], old_logp, mb["advantages"], mb["gen_mask"], config=cfg.loss,
         ref_logp=mb.get("ref_logp"), constrained_mask=mb["constrained_mask"], seq_ids=mb["seq_ids"],
         prompt_ids=mb["prompt_ids"], lambda_t=cfg.lambda_t, counts=counts, temperature=cfg.temperature,
         vocab_size=cfg.vocab_size, tp_group=tp_group, impl=cfg.impl)
+    metrics.update(extra)
     return loss * scale, metrics
 
 
@@ -137,14 +149,16 @@ def compute_logprobs(model, micro_batches: List[RolloutBatch], cfg: StepConfig,
     return [o["logp"] for o in out]
 
 
-def train_step(model, optimizer, micro_batches: List[RolloutBatch], old_logp: List[torch.Tensor],
+def train_step(model, optimizer, micro_batches: List[RolloutBatch], old_logp: Optional[List[torch.Tensor]],
                cfg: StepConfig, ref_logp: Optional[List[torch.Tensor]] = None,
                forward_fn: ForwardFn = default_forward,
                extras: Optional[List[Dict[str, torch.Tensor]]] = None, groups=None) -> Dict[str, float]:
     """Forward+backward over all micro-batches and one optimizer step. ``model`` is megatron's DDP-wrapped
     policy and ``optimizer`` from ``get_megatron_optimizer``; ``groups`` the process groups (default:
     megatron's). Returns the batch metrics (summed over micro-batches and data-parallel ranks, i.e. global
-    means) plus grad_norm / update_ok on every rank."""
+    means) plus grad_norm / update_ok on every rank. ``old_logp`` None: the old policy is the current one
+    (a single update per step); its log-probs come from this forward, detached, and ``logp_mismatch`` (the
+    rollout's sampled log-probs against them) is among the metrics."""
     groups = resolve_groups(groups)
     device = next(model.parameters()).device
     dp_group, dp_size = groups.dp_group, groups.dp_size
@@ -153,10 +167,10 @@ def train_step(model, optimizer, micro_batches: List[RolloutBatch], old_logp: Li
     micro = []
     for i, mb in enumerate(micro_batches):
         extra = dict(extras[i]) if extras else {}
-        if last:  # only the last stage reads the per-token inputs of the loss
+        if last and old_logp is not None:  # only the last stage reads the per-token inputs of the loss
             extra["old_logp"] = old_logp[i]
-            if ref_logp is not None:
-                extra["ref_logp"] = ref_logp[i]
+        if last and ref_logp is not None:
+            extra["ref_logp"] = ref_logp[i]
         micro.append(_as_dict(mb, extra, device))
     scale = float(len(micro) * dp_size)
     factory = partial(_loss_func, cfg, counts, scale, groups.tp_group)

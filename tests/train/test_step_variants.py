@@ -1,0 +1,58 @@
+"""Training-step throughput options keep the numbers: with one update per step the old-policy log-probs come
+from the training forward (no second forward), and length-bucketed micro-batches pad less; both give the
+loss, gradient norm and log-prob mismatch of the plain path."""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_rcpa.rollout.batch import Rollout
+from megatron_rcpa.testing import run_distributed
+from megatron_rcpa.train.phases import _groups_by_length
+
+KEYS = ("loss", "grad_norm", "imit_nll", "entropy", "reward", "logp_mismatch")
+
+
+def variant_worker(overrides: list) -> dict:
+    from megatron_rcpa.train import phases, step
+    from megatron_rcpa.train.config import load_config
+    from megatron_rcpa.train.trainer import Trainer
+
+    calls = {"logprob_passes": 0}
+    real = step.compute_logprobs
+
+    def counting(*args, **kwargs):
+        calls["logprob_passes"] += 1
+        return real(*args, **kwargs)
+
+    phases.compute_logprobs = counting
+    cfg = load_config("examples/configs/tiny_cpu.yaml", [
+        "run.steps=2", "run.save_interval=0", "run.resume=never", "run.progress_bar=false",
+        "logging.tensorboard=false", "data.prompts_per_step=4", "rcpa.group_size=2", "optim.micro_batch_size=2",
+        "rollout.max_new_tokens=8", "run.output_dir=/tmp/unused-variants", *overrides])
+    trainer = Trainer(cfg)
+    history = [trainer.train_one_step() for _ in range(2)]
+    return {"history": history, **calls}
+
+
+@pytest.mark.multiproc
+@pytest.mark.megatron
+def test_skipped_old_logprob_forward_and_length_buckets_keep_the_numbers():
+    plain = run_distributed(variant_worker, args=(["optim.recompute_old_logp=always",
+                                                   "optim.length_buckets=false"],), world_size=1, timeout=300)[0]
+    fast = run_distributed(variant_worker, args=([],), world_size=1, timeout=300)[0]
+    assert plain["logprob_passes"] == 2 and fast["logprob_passes"] == 0  # beta = 0: no reference pass either
+    for a, b in zip(plain["history"], fast["history"]):
+        for k in KEYS:
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7), k
+        assert b["padding_frac"] <= a["padding_frac"]
+    assert any(b["padding_frac"] < a["padding_frac"] for a, b in zip(plain["history"], fast["history"]))
+
+
+def test_groups_by_length_keeps_groups_whole_longest_first():
+    def r(pid, n):
+        return Rollout(prompt_id=pid, prompt_tokens=[1], prefix_tokens=[], generated_tokens=[2] * n,
+                       rollout_logp=[0.0] * n)
+
+    rollouts = [r(0, 1), r(0, 2), r(1, 5), r(1, 1), r(2, 3), r(2, 3)]
+    assert _groups_by_length(rollouts, 2) == [2, 3, 4, 5, 0, 1]
