@@ -9,7 +9,7 @@ forward
      (plus ONE all-gather of [TP, 4, N] statistics and ``_tp_merge_kernel`` under tensor parallelism). Only
      generated and constrained positions are read; every other row is skipped.
   2. ``_token_kernel`` (one launch over the N tokens) evaluates the per-token loss in closed form: ratio,
-     clip-higher surrogate, dual clip, KL (k1/k2/k3), entropy bonus, imitation, the aggregation weight,
+     clip-higher surrogate, dual clip, KL to the reference, entropy bonus, imitation, the aggregation weight,
      every metric as per-program partial sums, and the per-token weights ``dL/dlogp`` and ``dL/dH``
      (mirroring torch autograd of the reference, including its tie conventions). The KL estimator and the
      aggregation are the ``KL`` and ``AGG`` constexprs, the ``kernel_id`` of their entries in
