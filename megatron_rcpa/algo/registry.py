@@ -22,7 +22,8 @@ divided by the group size::
         a = (r - mean) / nf
 
 ``AdvantageConfig(estimator="scaled")`` then validates, ``compute_advantages`` computes it, and
-``group_advantages`` runs it in the kernel; tests/ops and the compile check pick it up from the registry.
+``group_advantages`` runs it in the kernel; tests/ops and the sm_90 compile check pick it up from the
+registry, and tests/algo asks for one hand-computed case of every registered name.
 An entry registered with ``kernel_id=None`` is reference-only: the kernel path raises an error naming it.
 KL estimators (``register_kl_estimator``, branch ``KL`` of ``ops.rcpa_loss._token_kernel``) work the same
 way. An aggregation needs no new kernel branch: it is either uniform (every generated token gets the same

@@ -217,7 +217,7 @@ def _token_step(logp: Tensor, ent: Tensor, ti: _TokenInputs) -> Tuple[Tensor, Te
     seq_ratio = cfg.ratio_level == "sequence"
     agg = AGGREGATIONS.get(cfg.aggregation)
     seq_idx, nseq = (None, 0)
-    if seq_ratio or agg.kernel_id == AGG_PER_TOKEN:  # per-sequence sums are needed
+    if ti.sids is not None and (seq_ratio or agg.kernel_id == AGG_PER_TOKEN):  # per-sequence sums are needed
         uniq, seq_idx = torch.unique(ti.sids, return_inverse=True)
         nseq = int(uniq.numel())
     seqlr = seq_len = None
