@@ -2,7 +2,8 @@
 
 One scalar per rollout, computed within its group (the G rollouts of one prompt). Groups are given as
 integer ids per rollout, so a packed batch may hold groups of different sizes in any order.
-Estimators are registered by name (``ESTIMATORS``); a new one is one function.
+Estimators are registered by name in ``registry.ADVANTAGE_ESTIMATORS`` (``@register_advantage_estimator``
+below, each with its branch id in the kernel ``ops.advantages``); see :mod:`.registry` for adding one.
 
 A group of one member, or whose rewards are all equal, carries no signal: its advantages are exactly 0
 and it is flagged in ``zero_var`` (the ``zero_var_frac`` metric).
@@ -11,11 +12,12 @@ and it is flagged in ``zero_var`` (the ``zero_var_frac`` metric).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Optional
 
 import torch
 
 from .config import AdvantageConfig
+from .registry import ADVANTAGE_ESTIMATORS, register_advantage_estimator
 
 
 @dataclass
@@ -48,26 +50,22 @@ class GroupStats:
     use_batch_std: bool
 
 
+@register_advantage_estimator("grpo", kernel_id=0)
 def _grpo(s: GroupStats) -> torch.Tensor:
     denom = s.batch_std if s.use_batch_std else s.std[s.index]
     return (s.rewards - s.mean[s.index]) / (denom + s.eps)
 
 
+@register_advantage_estimator("dr_grpo", kernel_id=1)
 def _dr_grpo(s: GroupStats) -> torch.Tensor:
     return s.rewards - s.mean[s.index]
 
 
+@register_advantage_estimator("rloo", kernel_id=2)
 def _rloo(s: GroupStats) -> torch.Tensor:
     n = s.size[s.index]
     # r_j - (sum - r_j)/(n - 1)  ==  n/(n - 1) * (r_j - mean); one-member groups are zeroed by the caller.
     return (s.rewards - s.mean[s.index]) * n / (n - 1).clamp_min(1.0)
-
-
-ESTIMATORS: Dict[str, Callable[[GroupStats], torch.Tensor]] = {
-    "grpo": _grpo,
-    "dr_grpo": _dr_grpo,
-    "rloo": _rloo,
-}
 
 
 def group_statistics(rewards: torch.Tensor, group_ids: torch.Tensor):
@@ -132,7 +130,7 @@ def compute_advantages(
     zero_var = (size < 2) | all_equal
     bstd = r64.std(unbiased=True) if n > 1 else r64.new_zeros(())
     stats = GroupStats(r64, index, size, mean, std, bstd, float(eps), bool(batch_std))
-    adv = ESTIMATORS[estimator](stats)
+    adv = ADVANTAGE_ESTIMATORS.get(estimator).reference(stats)
     adv = torch.where(zero_var[index], torch.zeros_like(adv), adv)
     return AdvantageResult(
         advantages=adv.to(out_dtype),

@@ -14,9 +14,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
-ESTIMATORS = ("grpo", "dr_grpo", "rloo")
-AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
-KL_TYPES = ("k1", "k2", "k3")
+from .registry import ADVANTAGE_ESTIMATORS, AGGREGATIONS, KL_ESTIMATORS
+
 RATIO_LEVELS = ("token", "sequence")
 SCHEDULES = ("familiarity", "step_linear", "step_cosine", "step_exponential", "constant")
 FAMILIARITY_SIGNALS = ("reward", "success")
@@ -53,13 +52,13 @@ def _check_choice(owner: str, name: str, value: Any, choices) -> None:
 class AdvantageConfig:
     """Group advantage estimation (RCPA_SPEC section 4, "Advantages")."""
 
-    estimator: str = "grpo"  # grpo | dr_grpo | rloo
+    estimator: str = "grpo"  # a name in registry.ADVANTAGE_ESTIMATORS
     eps: float = 1e-6  # added to the (unbiased) std for grpo
     batch_std: bool = False  # divide by the std of the whole batch instead of the group's (grpo only)
 
     def __post_init__(self) -> None:
         o = type(self).__name__
-        _check_choice(o, "estimator", self.estimator, ESTIMATORS)
+        _check_choice(o, "estimator", self.estimator, ADVANTAGE_ESTIMATORS)
         _check_real(o, "eps", self.eps, lo=0.0)
         if not isinstance(self.batch_std, bool):
             _fail(o, "batch_std", self.batch_std, "true or false")
@@ -74,11 +73,11 @@ class LossConfig:
     dual_clip: Optional[float] = None  # c > 1: cap of -A*r for negative advantages; None = off
     ratio_level: str = "token"  # token | sequence (GSPO: geometric mean of the ratio over the sequence)
     beta: float = 0.0  # KL-to-reference weight
-    kl_type: str = "k3"  # k1 | k2 | k3
+    kl_type: str = "k3"  # a name in registry.KL_ESTIMATORS
     alpha: float = 0.0  # entropy bonus weight
     lambda_0: float = 1.0  # imitation weight at rho_t = rho_max
-    aggregation: str = "token_mean"  # token_mean | seq_mean_token_mean | seq_mean_token_sum_norm
-    max_response_length: Optional[int] = None  # the fixed divisor of seq_mean_token_sum_norm
+    aggregation: str = "token_mean"  # a name in registry.AGGREGATIONS
+    max_response_length: Optional[int] = None  # the fixed divisor of seq_mean_token_sum_norm (Dr.GRPO)
 
     def __post_init__(self) -> None:
         o = type(self).__name__
@@ -88,15 +87,14 @@ class LossConfig:
             _check_real(o, "dual_clip", self.dual_clip, lo=1.0, lo_open=True)
         _check_choice(o, "ratio_level", self.ratio_level, RATIO_LEVELS)
         _check_real(o, "beta", self.beta, lo=0.0)
-        _check_choice(o, "kl_type", self.kl_type, KL_TYPES)
+        _check_choice(o, "kl_type", self.kl_type, KL_ESTIMATORS)
         _check_real(o, "alpha", self.alpha, lo=0.0)
         _check_real(o, "lambda_0", self.lambda_0, lo=0.0)
         _check_choice(o, "aggregation", self.aggregation, AGGREGATIONS)
         if self.max_response_length is not None:
             _check_int(o, "max_response_length", self.max_response_length, 1)
-        if self.aggregation == "seq_mean_token_sum_norm" and self.max_response_length is None:
-            _fail(o, "max_response_length", None,
-                  "an integer >= 1 when aggregation = 'seq_mean_token_sum_norm'")
+        if AGGREGATIONS.get(self.aggregation).needs_max_response_length and self.max_response_length is None:
+            _fail(o, "max_response_length", None, f"an integer >= 1 when aggregation = {self.aggregation!r}")
 
 
 @dataclass

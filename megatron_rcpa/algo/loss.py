@@ -28,6 +28,14 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from .config import LossConfig
+from .registry import (
+    AGG_PER_TOKEN,
+    AGG_UNIFORM,
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    register_aggregation,
+    register_kl_estimator,
+)
 
 Tensor = torch.Tensor
 
@@ -105,30 +113,61 @@ def count_tokens(gen_mask: Tensor, constrained_mask: Optional[Tensor] = None, se
     return GlobalCounts(float(gen.sum()), num_seqs, num_imit)
 
 
-def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_type: str) -> Tensor:
-    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3)."""
+@register_kl_estimator("k1", kernel_id=1)
+def _kl_k1(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    return logp - ref_logp
+
+
+@register_kl_estimator("k2", kernel_id=2)
+def _kl_k2(logp: Tensor, ref_logp: Tensor) -> Tensor:
     d = ref_logp - logp
-    if kl_type == "k1":
-        return -d
-    if kl_type == "k2":
-        return 0.5 * d * d
-    if kl_type == "k3":
-        return torch.expm1(d) - d
-    raise ValueError(f"kl_type = {kl_type!r}: expected one of 'k1', 'k2', 'k3'")
+    return 0.5 * d * d
+
+
+@register_kl_estimator("k3", kernel_id=3)
+def _kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
+    d = ref_logp - logp
+    return torch.expm1(d) - d
+
+
+def kl_penalty(logp: Tensor, ref_logp: Tensor, kl_type: str) -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from samples of pi (Schulman's k1, k2, k3; the names are
+    ``registry.KL_ESTIMATORS``)."""
+    return KL_ESTIMATORS.get(kl_type).reference(logp, ref_logp)
+
+
+@register_aggregation("token_mean", kernel_id=AGG_UNIFORM,
+                      kernel_scale=lambda config, counts: 1.0 / max(counts.num_gen_tokens, 1.0))
+def _token_mean(g: Tensor, seq_idx: Optional[Tensor], nseq: int, config: LossConfig, counts: GlobalCounts) -> Tensor:
+    """DAPO: every generated token of the batch weighs the same."""
+    return g / max(counts.num_gen_tokens, 1.0)
+
+
+@register_aggregation("seq_mean_token_mean", kernel_id=AGG_PER_TOKEN, needs_seq_ids=True)
+def _seq_mean_token_mean(g: Tensor, seq_idx: Optional[Tensor], nseq: int, config: LossConfig,
+                         counts: GlobalCounts) -> Tensor:
+    """Original GRPO: mean over each rollout's tokens, then over the rollouts."""
+    per_seq = torch.zeros(nseq, dtype=torch.float64, device=g.device).index_add_(0, seq_idx, g)
+    return g / per_seq[seq_idx].clamp_min(1.0) / max(counts.num_seqs, 1.0)
+
+
+@register_aggregation("seq_mean_token_sum_norm", kernel_id=AGG_UNIFORM, needs_seq_ids=True,
+                      needs_max_response_length=True,
+                      kernel_scale=lambda config, counts: (1.0 / float(config.max_response_length)
+                                                           / max(counts.num_seqs, 1.0)))
+def _seq_mean_token_sum_norm(g: Tensor, seq_idx: Optional[Tensor], nseq: int, config: LossConfig,
+                             counts: GlobalCounts) -> Tensor:
+    """Dr.GRPO: each rollout's token sum divided by a fixed length, then the mean over the rollouts."""
+    return g / float(config.max_response_length) / max(counts.num_seqs, 1.0)
 
 
 def token_weights(gen: Tensor, seq_idx: Optional[Tensor], nseq: int, config: LossConfig,
                   counts: GlobalCounts) -> Tensor:
     """Aggregation weight of each generated token (float64, 0 elsewhere): the loss is sum(w * term)."""
-    g = gen.to(torch.float64)
-    if config.aggregation == "token_mean":
-        return g / max(counts.num_gen_tokens, 1.0)
-    if seq_idx is None:
+    agg = AGGREGATIONS.get(config.aggregation)
+    if agg.needs_seq_ids and seq_idx is None:
         raise ValueError(f"aggregation = {config.aggregation!r} needs seq_ids")
-    if config.aggregation == "seq_mean_token_mean":
-        per_seq = torch.zeros(nseq, dtype=torch.float64, device=g.device).index_add_(0, seq_idx, g)
-        return g / per_seq[seq_idx].clamp_min(1.0) / max(counts.num_seqs, 1.0)
-    return g / float(config.max_response_length) / max(counts.num_seqs, 1.0)
+    return agg.reference(gen.to(torch.float64), seq_idx, nseq, config, counts)
 
 
 def rcpa_loss(

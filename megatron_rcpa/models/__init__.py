@@ -28,7 +28,6 @@ _EXPORTS = {
     "llava_trainer_forward": "llava",
     "save_tiny_llava": "tiny",
     "tiny_llava_config": "tiny",
-    "select_image_rows": "mrope",
     "mrope_position_ids": "mrope",
     "next_positions": "mrope",
     "DecoderDims": "decoder",

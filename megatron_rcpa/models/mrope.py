@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-__all__ = ["mrope_position_ids", "next_positions", "select_image_rows", "text_position_ids"]
+__all__ = ["mrope_position_ids", "next_positions", "text_position_ids"]
 
 
 def text_position_ids(batch_size: int, seq_len: int, *, start: Optional[torch.Tensor] = None,
@@ -129,38 +129,3 @@ def mrope_position_ids(
     max_pos = position_ids.masked_fill(~valid.unsqueeze(0), -1).amax(dim=(0, 2))
     rope_deltas = max_pos + 1 - valid.sum(dim=1)
     return position_ids.contiguous(), rope_deltas
-
-
-def select_image_rows(input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
-                      image_grid_thw: Optional[torch.Tensor], rows, *, image_token_id: int,
-                      spatial_merge_size: int) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """The images (flattened patches, grids) of ``rows`` of a batch, in that row order (rows may repeat).
-
-    ``pixel_values``/``image_grid_thw`` cover every image of ``input_ids`` in row order (as the HF processor
-    produces them); a micro-batch or a group of rollouts made of some rows needs exactly their images.
-    Returns (None, None) when the selected rows hold no image.
-    """
-    rows = [int(r) for r in rows]
-    if image_grid_thw is None or image_grid_thw.numel() == 0:
-        return None, None
-    grid = image_grid_thw.reshape(-1, 3).long()
-    patches = grid.prod(dim=1)
-    tokens = (patches // spatial_merge_size**2).tolist()
-    per_row = (input_ids == image_token_id).sum(dim=1).tolist()
-    if sum(per_row) != sum(tokens):
-        raise ValueError(f"input_ids hold {sum(per_row)} image tokens but image_grid_thw describes {sum(tokens)}")
-    images_of_row, image = [], 0
-    for count in per_row:  # images are consecutive and in row order
-        start = image
-        while count > 0:
-            count -= tokens[image]
-            image += 1
-        if count:
-            raise ValueError("an image's tokens span two rows of input_ids; check image_grid_thw order/sizes")
-        images_of_row.append(range(start, image))
-    patch_start = torch.cumsum(patches, 0) - patches
-    chosen = [i for r in rows for i in images_of_row[r]]
-    if not chosen:
-        return None, None
-    parts = [pixel_values[int(patch_start[i]): int(patch_start[i] + patches[i])] for i in chosen]
-    return torch.cat(parts, dim=0), grid[chosen]

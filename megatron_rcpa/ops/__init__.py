@@ -4,7 +4,8 @@
   forward, one pass backward, exact under tensor parallelism with one small all-gather.
 - :func:`rcpa_loss_from_logits` — the whole RCPA loss from the logits: equals
   ``megatron_rcpa.algo.loss.rcpa_loss`` applied to ``masked_logprob``, value and gradient.
-- :func:`group_advantages` — GRPO/Dr.GRPO/RLOO group advantages of a packed batch in one launch.
+- :func:`group_advantages` — group advantages (every estimator of ``algo.registry.ADVANTAGE_ESTIMATORS``) of a
+  packed batch in one launch.
 
 Every op takes ``impl="triton"`` (default) | ``"torch"`` | ``"auto"``. On a machine without a GPU the
 Triton kernels run only in the interpreter (``TRITON_INTERPRET=1`` before triton is first imported).

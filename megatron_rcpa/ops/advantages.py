@@ -8,6 +8,8 @@ ids, ``unique_consecutive`` (sorted unique ids, counts), a scatter for the group
 segment starts, and the batch std when ``batch_std``. Then ``_group_adv_kernel`` runs one program per group:
 it walks the group's members (contiguous in the sorted order) to get sum/max/min, then the sum of squared
 deviations (two-pass, exact unbiased std), then writes every member's advantage at its original position.
+The estimator is the ``EST`` constexpr: the ``kernel_id`` of its entry in
+``megatron_rcpa.algo.registry.ADVANTAGE_ESTIMATORS`` (one branch per estimator; see that module for adding one).
 """
 
 from __future__ import annotations
@@ -16,12 +18,11 @@ from typing import Optional
 
 import torch
 
-from ..algo.advantages import ESTIMATORS, AdvantageResult, compute_advantages, validate_inputs
+from ..algo.advantages import AdvantageResult, compute_advantages, validate_inputs
+from ..algo.registry import ADVANTAGE_ESTIMATORS
 from ._triton_utils import interpreter_active, resolve_impl, tl, triton
 
 Tensor = torch.Tensor
-
-_EST_CODES = {"grpo": 0, "dr_grpo": 1, "rloo": 2}
 
 if triton is not None:
 
@@ -68,12 +69,14 @@ if triton is not None:
             msk = idx < n
             pos = tl.load(order_ptr + start + idx, mask=msk, other=0)
             r = tl.load(r_ptr + pos, mask=msk, other=0.0).to(tl.float64)
-            if EST == 0:
+            if EST == 0:  # grpo
                 a = (r - mean) / denom
-            elif EST == 1:
+            elif EST == 1:  # dr_grpo
                 a = r - mean
-            else:
+            elif EST == 2:  # rloo
                 a = (r - mean) * nf / nm1
+            else:
+                tl.static_assert(False, "_group_adv_kernel: no branch for this EST (ADVANTAGE_ESTIMATORS kernel_id)")
             a = tl.where(zero_var, 0.0, a)
             tl.store(adv_ptr + pos, a.to(adv_ptr.dtype.element_ty), mask=msk)
         tl.store(mean_ptr + g, mean.to(mean_ptr.dtype.element_ty))
@@ -94,7 +97,7 @@ def group_advantages(
     """Advantages of a packed batch of rollouts (one Triton launch); see ``compute_advantages``.
 
     rewards: [N]; group_ids: [N] integer group (prompt) id per rollout, any order and values; when None,
-    ``group_size`` consecutive rollouts form a group. estimator: ``grpo`` | ``dr_grpo`` | ``rloo``;
+    ``group_size`` consecutive rollouts form a group. estimator: a name in ``ADVANTAGE_ESTIMATORS``;
     ``batch_std`` divides by the unbiased std of the whole batch. Returns an ``AdvantageResult`` whose
     groups are sorted by id, with ``zero_var`` flags and ``zero_var_frac``.
     ``impl="torch"`` runs the reference; ``"auto"`` picks triton on CUDA / under the interpreter.
@@ -104,10 +107,10 @@ def group_advantages(
         return compute_advantages(rewards, group_ids, estimator=estimator, eps=eps, batch_std=batch_std,
                                   group_size=group_size)
     group_ids = validate_inputs(rewards, group_ids, estimator, eps, batch_std, group_size)
+    est = ADVANTAGE_ESTIMATORS.kernel_id(estimator, "ops.advantages._group_adv_kernel")
     n = rewards.numel()
     if n == 0:
         return compute_advantages(rewards, group_ids, estimator=estimator, eps=eps, batch_std=batch_std)
-    assert estimator in ESTIMATORS
     dev = rewards.device
     out_dtype = rewards.dtype if rewards.is_floating_point() else torch.float32
     r = rewards if rewards.is_floating_point() else rewards.to(torch.float64)
@@ -131,7 +134,7 @@ def group_advantages(
     block = 128 if interpreter_active() else 32
     _group_adv_kernel[(gn,)](
         r, order, starts, counts, params, adv, mean, std, zv,
-        EST=_EST_CODES[estimator], BATCH_STD=bool(batch_std), BLOCK=block,
+        EST=est, BATCH_STD=bool(batch_std), BLOCK=block,
     )
     zero_var = zv.view(torch.bool)
     return AdvantageResult(

@@ -9,10 +9,12 @@ forward
      (plus ONE all-gather of [TP, 4, N] statistics and ``_tp_merge_kernel`` under tensor parallelism). Only
      generated and constrained positions are read; every other row is skipped.
   2. ``_token_kernel`` (one launch over the N tokens) evaluates the per-token loss in closed form: ratio,
-     clip-higher surrogate, dual clip, KL (k1/k2/k3), entropy bonus, imitation, the aggregation weight,
+     clip-higher surrogate, dual clip, KL to the reference, entropy bonus, imitation, the aggregation weight,
      every metric as per-program partial sums, and the per-token weights ``dL/dlogp`` and ``dL/dH``
-     (mirroring torch autograd of the reference, including its tie conventions). The sequence-level
-     ratio (GSPO) and the seq_* aggregations need per-sequence sums: a few ``index_add`` on [N] tensors.
+     (mirroring torch autograd of the reference, including its tie conventions). The KL estimator and the
+     aggregation are the ``KL`` and ``AGG`` constexprs, the ``kernel_id`` of their entries in
+     ``megatron_rcpa.algo.registry``. The sequence-level ratio (GSPO) and per-token aggregation weights
+     (``AGG_PER_TOKEN``, e.g. seq_mean_token_mean) need per-sequence sums: a few ``index_add`` on [N] tensors.
 backward
   3. ``logprob._bwd_kernel`` streams the logits once more and writes
      ``dlogits = g * (dL/dlogp * (onehot - p) - dL/dH * p * (log p + H)) / T`` in the logits dtype, into a
@@ -29,12 +31,12 @@ import torch
 
 from ..algo.config import LossConfig
 from ..algo.loss import GlobalCounts, count_tokens, imitation_weights, rcpa_loss, token_weights
+from ..algo.registry import AGG_PER_TOKEN, AGG_UNIFORM, AGGREGATIONS, KL_ESTIMATORS
 from ._triton_utils import next_pow2, resolve_impl, tl, triton
 from .logprob import _grad_backward, _make_plan, _stats_forward, masked_logprob
 
 Tensor = torch.Tensor
 
-_KL_CODES = {"k1": 1, "k2": 2, "k3": 3}
 # order of the metric partial sums written by _token_kernel
 _P_AGG, _P_PG, _P_IMIT, _P_LOW, _P_HIGH, _P_RATIO, _P_KLOLD, _P_DUAL, _P_KLREF, _P_ENT = range(10)
 _NP = 16  # width of the partial-sum rows (>= 10, a power of two)
@@ -62,7 +64,7 @@ if triton is not None:
         dlogp_ptr, dent_ptr, dlr_ptr, part_ptr, N,
         agg_scale, tm_scale, lo, hi, dual_c, beta, alpha, lambda_t,
         HAS_REF: tl.constexpr, KL: tl.constexpr, USE_BETA: tl.constexpr, USE_ALPHA: tl.constexpr,
-        HAS_CONS: tl.constexpr, HAS_AGGW: tl.constexpr, SEQ_RATIO: tl.constexpr, HAS_DUAL: tl.constexpr,
+        HAS_CONS: tl.constexpr, AGG: tl.constexpr, SEQ_RATIO: tl.constexpr, HAS_DUAL: tl.constexpr,
         NP: tl.constexpr, BLOCK: tl.constexpr,
     ):
         pid = tl.program_id(0)
@@ -93,9 +95,9 @@ if triton is not None:
             f = tl.where(pg < cap, 1.0, tl.where(pg == cap, 0.5, 0.0))  # minimum splits ties too
             dpg = tl.where(neg, dpg * f, dpg)
             pg = tl.where(neg, tl.minimum(pg, cap), pg)
-        if HAS_AGGW:
+        if AGG == 1:  # AGG_PER_TOKEN: weights from the host
             w = tl.load(aggw_ptr + offs, mask=inb, other=0.0)
-        else:
+        else:  # AGG_UNIFORM
             w = tl.where(gen, agg_scale, 0.0)
         tm = tl.where(gen, tm_scale, 0.0)
 
@@ -104,15 +106,17 @@ if triton is not None:
         kl = tl.zeros([BLOCK], tl.float32)
         if HAS_REF:
             dd = tl.load(ref_ptr + offs, mask=inb, other=0.0).to(tl.float32) - lp
-            if KL == 1:
+            if KL == 1:  # k1
                 kl_t = -dd
                 dkl = tl.full([BLOCK], 1.0, tl.float32)
-            elif KL == 2:
+            elif KL == 2:  # k2
                 kl_t = 0.5 * dd * dd
                 dkl = -dd
-            else:
+            elif KL == 3:  # k3
                 kl_t = _expm1_minus_x(dd)
                 dkl = -(kl_t + dd)  # 1 - exp(d) = -expm1(d)
+            else:
+                tl.static_assert(False, "_token_kernel: no branch for this KL (KL_ESTIMATORS kernel_id)")
             kl = tl.where(gen, kl_t, 0.0)
             if USE_BETA:
                 term = term + beta * kl
@@ -161,6 +165,7 @@ class _TokenInputs:
     config: LossConfig
     lambda_t: float
     counts: GlobalCounts
+    kl_id: int  # the KL constexpr: KL_ESTIMATORS' kernel_id; 0 (unused) without ref
 
 
 def _flat(x: Optional[Tensor], shape, name: str) -> Optional[Tensor]:
@@ -189,15 +194,17 @@ def _token_inputs(lead, old_logp, advantages, gen_mask, config, ref_logp, constr
         raise ValueError(f"lambda_t = {lambda_t} must be >= 0")
     if config.ratio_level == "sequence" and sids is None:
         raise ValueError("ratio_level = 'sequence' needs seq_ids")
-    if config.aggregation != "token_mean" and sids is None:
+    if AGGREGATIONS.get(config.aggregation).needs_seq_ids and sids is None:
         raise ValueError(f"aggregation = {config.aggregation!r} needs seq_ids")
     if cons is not None:
         cons = cons.bool()
         if bool((cons & gen).any()):
             raise ValueError("gen_mask and constrained_mask overlap: a token is either forced or generated")
+    # the KL branch is compiled only with a reference (HAS_REF); resolved here, before any launch
+    kl_id = KL_ESTIMATORS.kernel_id(config.kl_type, "ops.rcpa_loss._token_kernel") if ref is not None else 0
     if counts is None:
         counts = count_tokens(gen, cons, sids, pids)
-    return _TokenInputs(old, adv, gen, ref, cons, sids, pids, config, float(lambda_t), counts)
+    return _TokenInputs(old, adv, gen, ref, cons, sids, pids, config, float(lambda_t), counts, kl_id)
 
 
 def _token_step(logp: Tensor, ent: Tensor, ti: _TokenInputs) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -208,8 +215,9 @@ def _token_step(logp: Tensor, ent: Tensor, ti: _TokenInputs) -> Tuple[Tensor, Te
     f32 = torch.float32
     gen = ti.gen
     seq_ratio = cfg.ratio_level == "sequence"
+    agg = AGGREGATIONS.get(cfg.aggregation)
     seq_idx, nseq = (None, 0)
-    if seq_ratio or cfg.aggregation == "seq_mean_token_mean":  # per-sequence sums are needed
+    if ti.sids is not None and (seq_ratio or agg.kernel_id == AGG_PER_TOKEN):  # per-sequence sums are needed
         uniq, seq_idx = torch.unique(ti.sids, return_inverse=True)
         nseq = int(uniq.numel())
     seqlr = seq_len = None
@@ -221,10 +229,8 @@ def _token_step(logp: Tensor, ent: Tensor, ti: _TokenInputs) -> Tuple[Tensor, Te
         seqlr = torch.where(gen, (seq_sum / seq_len)[seq_idx], torch.zeros((), dtype=f32, device=dev))
     aggw = None
     agg_scale = 0.0
-    if cfg.aggregation == "token_mean":
-        agg_scale = 1.0 / max(ti.counts.num_gen_tokens, 1.0)
-    elif cfg.aggregation == "seq_mean_token_sum_norm":
-        agg_scale = 1.0 / float(cfg.max_response_length) / max(ti.counts.num_seqs, 1.0)
+    if agg.kernel_id == AGG_UNIFORM:
+        agg_scale = agg.kernel_scale(cfg, ti.counts)
     else:
         aggw = token_weights(gen, seq_idx, nseq, cfg, ti.counts).to(f32).contiguous()
     imitw = None
@@ -251,8 +257,8 @@ def _token_step(logp: Tensor, ent: Tensor, ti: _TokenInputs) -> Tuple[Tensor, Te
             agg_scale, 1.0 / max(ti.counts.num_gen_tokens, 1.0), 1.0 - cfg.eps_low, 1.0 + cfg.eps_high,
             float(cfg.dual_clip) if cfg.dual_clip is not None else 0.0, float(cfg.beta), float(cfg.alpha),
             ti.lambda_t,
-            HAS_REF=ti.ref is not None, KL=_KL_CODES[cfg.kl_type], USE_BETA=cfg.beta > 0, USE_ALPHA=use_alpha,
-            HAS_CONS=ti.cons is not None, HAS_AGGW=aggw is not None, SEQ_RATIO=seq_ratio,
+            HAS_REF=ti.ref is not None, KL=ti.kl_id, USE_BETA=cfg.beta > 0, USE_ALPHA=use_alpha,
+            HAS_CONS=ti.cons is not None, AGG=agg.kernel_id, SEQ_RATIO=seq_ratio,
             HAS_DUAL=cfg.dual_clip is not None, NP=_NP, BLOCK=block,
         )
     if seq_ratio:

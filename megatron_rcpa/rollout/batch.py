@@ -8,8 +8,8 @@ the target is a forced prefix token (the imitation set C) and ``gen_mask`` where
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Iterator, List, Sequence
+from dataclasses import dataclass
+from typing import List, Sequence
 
 import torch
 
@@ -22,8 +22,6 @@ class Rollout:
     generated_tokens: List[int]
     rollout_logp: List[float]  # log pi_old(token) as sampled, one per generated token
     finished: bool = True  # stopped by EOS / a stop string (False: hit max_new_tokens)
-    reward: float = 0.0
-    meta: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if len(self.rollout_logp) != len(self.generated_tokens):
@@ -61,18 +59,6 @@ class RolloutBatch:
     def select(self, rows: torch.Tensor | Sequence[int]) -> RolloutBatch:
         rows = torch.as_tensor(rows, dtype=torch.long)
         return RolloutBatch(**{k: v[rows] for k, v in self.__dict__.items()})
-
-    def micro_batches(self, rollouts_per_micro_batch: int) -> Iterator[RolloutBatch]:
-        """Consecutive slices of whole groups: a prompt's rollouts never straddle two micro-batches (the
-        imitation term counts a shared prefix once per call). A slice may exceed the size to keep a group."""
-        pid = self.prompt_ids[:, 0].tolist()
-        start = 0
-        while start < len(pid):
-            end = min(start + rollouts_per_micro_batch, len(pid))
-            while end < len(pid) and pid[end] == pid[end - 1]:
-                end += 1
-            yield self.select(range(start, end))
-            start = end
 
 
 def pack_rollouts(rollouts: Sequence[Rollout], advantages: Sequence[float], pad_id: int,

@@ -16,7 +16,7 @@ and :class:`~megatron_rcpa.models.text_lm.TextLMPolicy`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Hashable, List, Optional, Sequence
 
 import torch
@@ -33,7 +33,6 @@ class PromptInput:
     image_grid_thw: Optional[torch.Tensor] = None  # [images, 3] (Qwen2.5-VL only)
     reference: Optional[str] = None
     reference_ids: Optional[List[int]] = None
-    meta: dict = field(default_factory=dict)
 
 
 @dataclass

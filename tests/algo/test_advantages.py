@@ -7,19 +7,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_rcpa.algo import compute_advantages
+from megatron_rcpa.algo import ADVANTAGE_ESTIMATORS, compute_advantages
 
 STD4 = math.sqrt(1.0 / 3.0)  # unbiased std of [1, 0, 1, 0]
 
+BY_HAND = [  # one case per registered estimator (test_every_estimator_has_a_case_by_hand)
+    ("grpo", [0.5 / (STD4 + 1e-6), -0.5 / (STD4 + 1e-6)] * 2),
+    ("dr_grpo", [0.5, -0.5, 0.5, -0.5]),
+    ("rloo", [2 / 3, -2 / 3, 2 / 3, -2 / 3]),  # 1 - (0+1+0)/3 and 0 - (1+0+1)/3
+]
 
-@pytest.mark.parametrize(
-    "estimator, expected",
-    [
-        ("grpo", [0.5 / (STD4 + 1e-6), -0.5 / (STD4 + 1e-6)] * 2),
-        ("dr_grpo", [0.5, -0.5, 0.5, -0.5]),
-        ("rloo", [2 / 3, -2 / 3, 2 / 3, -2 / 3]),  # 1 - (0+1+0)/3 and 0 - (1+0+1)/3
-    ],
-)
+
+def test_every_estimator_has_a_case_by_hand():
+    assert [name for name, _ in BY_HAND] == list(ADVANTAGE_ESTIMATORS.names())
+
+
+@pytest.mark.parametrize("estimator, expected", BY_HAND)
 def test_estimators_by_hand(estimator, expected):
     res = compute_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0], dtype=torch.float64),
                              torch.tensor([7, 7, 7, 7]), estimator=estimator)
@@ -74,7 +77,7 @@ groups = st.lists(
 
 
 @settings(max_examples=60, deadline=None)
-@given(groups=groups, estimator=st.sampled_from(["grpo", "dr_grpo", "rloo"]), seed=st.integers(0, 1000))
+@given(groups=groups, estimator=st.sampled_from(ADVANTAGE_ESTIMATORS.names()), seed=st.integers(0, 1000))
 def test_group_sums_vanish_and_zero_variance_gives_zero(groups, estimator, seed):
     rewards = torch.tensor([r for g in groups for r in g], dtype=torch.float64)
     ids = torch.tensor([i * 13 - 40 for i, g in enumerate(groups) for _ in g])

@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_rcpa.algo import GlobalCounts, LossConfig, count_tokens, rcpa_loss
+from megatron_rcpa.algo import AGGREGATIONS, KL_ESTIMATORS, GlobalCounts, LossConfig, count_tokens, rcpa_loss
 
 D = torch.float64
 
@@ -36,13 +36,23 @@ def test_token_mean_clip_higher_by_hand():
     torch.testing.assert_close(logp.grad, t([-1 / 3, 0.0, 0.0]))  # clipped tokens carry no gradient
 
 
-def test_seq_aggregations_by_hand():
+AGG_BY_HAND = [  # one case per registered aggregation: three_tokens(), max_response_length = 4
+    ("token_mean", (-1 - 1.28 + 0.8) / 3),
+    ("seq_mean_token_mean", ((-1 - 1.28) / 2 + 0.8) / 2),
+    ("seq_mean_token_sum_norm", ((-1 - 1.28) / 4 + 0.8 / 4) / 2),
+]
+
+
+def test_every_aggregation_has_a_case_by_hand():
+    assert [name for name, _ in AGG_BY_HAND] == list(AGGREGATIONS.names())
+
+
+@pytest.mark.parametrize("aggregation, expected", AGG_BY_HAND)
+def test_aggregations_by_hand(aggregation, expected):
     logp, old, adv, gen, sids = three_tokens()
-    loss, _ = rcpa_loss(logp, old, adv, gen, config=LossConfig(aggregation="seq_mean_token_mean"), seq_ids=sids)
-    assert loss.item() == pytest.approx(((-1 - 1.28) / 2 + 0.8) / 2, abs=1e-12)
-    cfg = LossConfig(aggregation="seq_mean_token_sum_norm", max_response_length=4)
+    cfg = LossConfig(aggregation=aggregation, max_response_length=4)
     loss, _ = rcpa_loss(logp, old, adv, gen, config=cfg, seq_ids=sids)
-    assert loss.item() == pytest.approx(((-1 - 1.28) / 4 + 0.8 / 4) / 2, abs=1e-12)
+    assert loss.item() == pytest.approx(expected, abs=1e-12)
 
 
 def test_sequence_level_ratio_by_hand():
@@ -69,11 +79,21 @@ def test_dual_clip_by_hand():
     assert loss_nodual.item() == pytest.approx((4.0 + 2.0) / 2)
 
 
-@pytest.mark.parametrize("kl_type, value, grad", [
+KL_BY_HAND = [  # one case per registered KL estimator: logp = -1, ref = -1.5
     ("k1", 0.5, 1.0),
     ("k2", 0.125, 0.5),
     ("k3", math.exp(-0.5) - 1 + 0.5, 1 - math.exp(-0.5)),
-])
+]
+# d KL / d logp of each registered estimator, for the analytic-gradient property below
+KL_GRAD = {"k1": lambda logp, ref: torch.ones_like(logp), "k2": lambda logp, ref: logp - ref,
+           "k3": lambda logp, ref: 1 - torch.exp(ref - logp)}
+
+
+def test_every_kl_estimator_has_a_case_by_hand_and_a_gradient():
+    assert [name for name, _, _ in KL_BY_HAND] == list(KL_ESTIMATORS.names()) == list(KL_GRAD)
+
+
+@pytest.mark.parametrize("kl_type, value, grad", KL_BY_HAND)
 def test_kl_types_by_hand(kl_type, value, grad):
     logp = t([-1.0]).requires_grad_()
     ref = t([-1.5])
@@ -131,7 +151,7 @@ def test_imitation_counts_shared_prefix_once():
         rcpa_loss(logp, logp, torch.zeros(8, dtype=D), gen | cons, config=LossConfig(), constrained_mask=cons)
 
 
-@pytest.mark.parametrize("aggregation", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"])
+@pytest.mark.parametrize("aggregation", AGGREGATIONS.names())
 def test_micro_batches_with_global_counts_sum_to_the_full_batch(aggregation):
     g = torch.Generator().manual_seed(0)
     s, b = 6, 4  # Megatron layout [S, B]; each column one rollout, two prompts of two rollouts
@@ -175,7 +195,7 @@ def test_masked_positions_may_hold_garbage():
 @given(
     n=st.integers(1, 12),
     seed=st.integers(0, 10_000),
-    kl_type=st.sampled_from(["k1", "k2", "k3"]),
+    kl_type=st.sampled_from(KL_ESTIMATORS.names()),
     dual=st.sampled_from([None, 2.5]),
     lam=st.floats(0, 2),
 )
@@ -200,7 +220,7 @@ def test_gradient_matches_the_analytic_one(n, seed, kl_type, dual, lam):
     dpg = torch.where(unclipped >= clipped, -adv * r, torch.zeros_like(r))
     if dual is not None:
         dpg = torch.where((adv < 0) & (torch.maximum(unclipped, clipped) > -adv * dual), torch.zeros_like(r), dpg)
-    dkl = {"k1": torch.ones_like(r), "k2": logp - ref, "k3": 1 - torch.exp(ref - logp)}[kl_type]
+    dkl = KL_GRAD[kl_type](logp, ref)
     ngen, ncons = max(int(gen.sum()), 1), max(int(cons.sum()), 1)
     expected = torch.where(gen, (dpg + beta * dkl) / ngen, -lam * cons.to(D) / ncons)
     torch.testing.assert_close(x.grad, expected, rtol=1e-10, atol=1e-12)

@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from megatron_rcpa.models.mrope import mrope_position_ids, next_positions, select_image_rows, text_position_ids
+from megatron_rcpa.models.mrope import mrope_position_ids, next_positions, text_position_ids
 
 MERGE = 2
 
@@ -98,20 +98,3 @@ def test_text_positions_and_errors(hf_vl):
     with pytest.raises(ValueError, match="video"):
         mrope_position_ids(input_ids.clone().fill_(config.video_token_id), None,
                            video_token_id=config.video_token_id, **kwargs)
-
-
-def test_select_image_rows(hf_vl):
-    config = hf_vl.config
-    rows = [[2, (1, 2, 2), 1, (1, 4, 2)], [3], [(1, 2, 4), 2]]
-    input_ids, _, grid = _batch(config, rows, [0, 0, 0])
-    patches = grid.prod(dim=1)
-    pixel_values = torch.arange(int(patches.sum()), dtype=torch.float32).unsqueeze(1).expand(-1, 6)
-    offsets = (torch.cumsum(patches, 0) - patches).tolist()
-    kwargs = dict(image_token_id=config.image_token_id, spatial_merge_size=MERGE)
-    pv, g = select_image_rows(input_ids, pixel_values, grid, [2, 0, 2], **kwargs)
-    assert g.tolist() == [[1, 2, 4], [1, 2, 2], [1, 4, 2], [1, 2, 4]]
-    expected = [pixel_values[offsets[i]: offsets[i] + int(patches[i])] for i in (2, 0, 1, 2)]
-    assert torch.equal(pv, torch.cat(expected))
-    assert select_image_rows(input_ids, pixel_values, grid, [1], **kwargs) == (None, None)
-    sub_ids = input_ids[[2, 0, 2]]  # the selection is consistent with the selected rows' position ids
-    mrope_position_ids(sub_ids, g, **kwargs)

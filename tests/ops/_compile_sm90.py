@@ -26,6 +26,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
+from megatron_rcpa.algo.registry import ADVANTAGE_ESTIMATORS, AGG_PER_TOKEN, AGG_UNIFORM, KL_ESTIMATORS  # noqa: E402
 from megatron_rcpa.ops import advantages as A  # noqa: E402
 from megatron_rcpa.ops import logprob as L  # noqa: E402
 from megatron_rcpa.ops import rcpa_loss as R  # noqa: E402
@@ -71,14 +72,14 @@ def variants():
                ref_ptr="*fp32", imitw_ptr="*fp32", aggw_ptr="*fp32", seqlr_ptr="*fp32", dlogp_ptr="*fp32",
                dent_ptr="*fp32", dlr_ptr="*fp32", part_ptr="*fp32", N="i32", agg_scale="fp32", tm_scale="fp32",
                lo="fp32", hi="fp32", dual_c="fp32", beta="fp32", alpha="fp32", lambda_t="fp32")
-    for kl in (1, 2, 3):
+    for kl in KL_ESTIMATORS.kernel_ids():  # every registered branch (the aggregation's two branches with it)
         for on in (True, False):
-            c = dict(HAS_REF=on, KL=kl, USE_BETA=on, USE_ALPHA=on, HAS_CONS=on, HAS_AGGW=on, SEQ_RATIO=on,
-                     HAS_DUAL=on, NP=16, BLOCK=1024)
+            c = dict(HAS_REF=on, KL=kl, USE_BETA=on, USE_ALPHA=on, HAS_CONS=on,
+                     AGG=AGG_PER_TOKEN if on else AGG_UNIFORM, SEQ_RATIO=on, HAS_DUAL=on, NP=16, BLOCK=1024)
             out.append((f"token-k{kl}-all{int(on)}", R._token_kernel, tok, c, dict(num_warps=4), False))
     adv = dict(r_ptr="*fp32", order_ptr="*i64", start_ptr="*i64", size_ptr="*i64", params_ptr="*fp64",
                adv_ptr="*fp32", mean_ptr="*fp32", std_ptr="*fp32", zv_ptr="*u8")
-    for est in (0, 1, 2):
+    for est in ADVANTAGE_ESTIMATORS.kernel_ids():
         for bs in (True, False):
             out.append((f"group_adv-est{est}-batchstd{int(bs)}", A._group_adv_kernel, adv,
                         dict(EST=est, BATCH_STD=bs, BLOCK=32), dict(num_warps=4), False))

@@ -7,7 +7,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from megatron_rcpa.algo import AdvantageConfig
 from megatron_rcpa.algo.advantages import AdvantageResult, compute_advantages
+from megatron_rcpa.algo.registry import ADVANTAGE_ESTIMATORS, register_advantage_estimator
 from megatron_rcpa.ops import group_advantages
 
 pytestmark = pytest.mark.triton
@@ -51,7 +53,7 @@ def packed_batches(draw):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(batch=packed_batches(), estimator=st.sampled_from(["grpo", "dr_grpo", "rloo"]), batch_std=st.booleans(),
+@given(batch=packed_batches(), estimator=st.sampled_from(ADVANTAGE_ESTIMATORS.names()), batch_std=st.booleans(),
        dtype=st.sampled_from([torch.float32, torch.float64]))
 def test_random_packed_groups_match_reference(batch, estimator, batch_std, dtype):
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -62,7 +64,7 @@ def test_random_packed_groups_match_reference(batch, estimator, batch_std, dtype
     assert_same(got, want)
 
 
-@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo"])
+@pytest.mark.parametrize("estimator", ADVANTAGE_ESTIMATORS.names())
 def test_large_groups_loop_over_blocks(estimator, device):
     g = torch.Generator().manual_seed(0)
     ids = torch.cat([torch.full((300,), 7), torch.full((5,), -2), torch.full((130,), 3)])
@@ -104,3 +106,43 @@ def test_errors(device):
         group_advantages(torch.ones(2, device=device), torch.zeros(2, device=device))
     with pytest.raises(ValueError, match="group_size"):
         group_advantages(torch.ones(3, device=device), group_size=2)
+
+
+def test_registered_estimators_have_their_kernel_branch():
+    assert set(ADVANTAGE_ESTIMATORS.names()) >= {"grpo", "dr_grpo", "rloo"}
+    for name in ADVANTAGE_ESTIMATORS:  # the kernel tests above run every registered estimator
+        assert ADVANTAGE_ESTIMATORS.get(name).kernel_id is not None, name
+
+
+def test_a_new_estimator_is_one_registration_and_its_kernel_branch(device):
+    """A reference-only registration validates and runs in torch; the kernel refuses it by name. An id the
+    kernel has no branch for fails when the kernel is built, not with a wrong result."""
+    r = torch.tensor([1.0, 0.0, 0.5, 0.5, 2.0, 0.0], device=device)
+
+    @register_advantage_estimator("test_centred_over_size", kernel_id=None)
+    def _centred_over_size(s):
+        return (s.rewards - s.mean[s.index]) / s.size[s.index]
+
+    try:
+        assert AdvantageConfig(estimator="test_centred_over_size").estimator == "test_centred_over_size"
+        got = compute_advantages(r, group_size=2, estimator="test_centred_over_size")
+        assert got.advantages.tolist() == pytest.approx([0.25, -0.25, 0.0, 0.0, 0.5, -0.5])
+        assert_same(group_advantages(r, group_size=2, estimator="test_centred_over_size", impl="torch"), got)
+        with pytest.raises(ValueError, match="'test_centred_over_size': this advantage estimator has no branch in "
+                                             "ops.advantages._group_adv_kernel"):
+            group_advantages(r, group_size=2, estimator="test_centred_over_size")
+        with pytest.raises(ValueError, match="already registered"):
+            register_advantage_estimator("test_centred_over_size", kernel_id=None)(_centred_over_size)
+        with pytest.raises(ValueError, match="kernel_id = 0 is already the branch of 'grpo'"):
+            register_advantage_estimator("test_other", kernel_id=0)(_centred_over_size)
+    finally:
+        ADVANTAGE_ESTIMATORS.remove("test_centred_over_size")
+    with pytest.raises(ValueError, match="AdvantageConfig.estimator = 'test_centred_over_size'"):
+        AdvantageConfig(estimator="test_centred_over_size")
+
+    register_advantage_estimator("test_no_branch", kernel_id=99)(_centred_over_size)
+    try:
+        with pytest.raises(Exception, match="no branch for this EST"):
+            group_advantages(r, group_size=2, estimator="test_no_branch")
+    finally:
+        ADVANTAGE_ESTIMATORS.remove("test_no_branch")

@@ -10,6 +10,7 @@ import torch
 
 from megatron_rcpa.algo.config import LossConfig
 from megatron_rcpa.algo.loss import GlobalCounts, count_tokens, rcpa_loss
+from megatron_rcpa.algo.registry import AGGREGATIONS, KL_ESTIMATORS, register_kl_estimator
 from megatron_rcpa.ops import rcpa_loss_from_logits
 
 from ._reference import ref_logprob64, rel_err, require_tp2, tol, worker_device
@@ -89,6 +90,13 @@ CONFIGS = [  # (config, lambda_t): every aggregation x ratio level; k1/k2/k3, du
                 kl_type="k1"), 0.4),
     (LossConfig(beta=0.3, kl_type="k2", dual_clip=1.5, alpha=0.05, eps_low=0.1, eps_high=0.15), 0.5),
 ]
+
+
+def test_configs_cover_every_registered_kl_estimator_and_aggregation():
+    """The reference comparison below runs every registered variant (it always passes ref_logp, so the
+    KL branch runs in every config): registering one means adding it to CONFIGS."""
+    assert {c.kl_type for c, _ in CONFIGS} == set(KL_ESTIMATORS.names())
+    assert {c.aggregation for c, _ in CONFIGS} == set(AGGREGATIONS.names())
 
 
 @pytest.mark.parametrize("config,lambda_t", CONFIGS, ids=[f"c{i}" for i in range(len(CONFIGS))])
@@ -181,6 +189,26 @@ def test_errors(device):
                               batch["gen_mask"], **base)
     with pytest.raises(ValueError, match="lambda_t"):
         rcpa_loss_from_logits(*args, lambda_t=-1.0, **base)
+
+
+def test_reference_only_kl_estimator_is_refused_by_the_kernel_before_any_launch(device):
+    batch = make_batch(seed=9, device=device)
+    args = (batch["logits"], batch["targets"], batch["old_logp"], batch["advantages"], batch["gen_mask"])
+
+    @register_kl_estimator("test_abs", kernel_id=None)
+    def _kl_abs(logp, ref_logp):
+        return (ref_logp - logp).abs()
+
+    try:
+        cfg = LossConfig(kl_type="test_abs", beta=0.1)
+        logp = torch.randn(5, dtype=torch.float64)
+        _, m = rcpa_loss(logp, logp, torch.ones(5), torch.ones(5, dtype=torch.bool), config=cfg, ref_logp=logp - 0.5)
+        assert m["kl_ref"].item() == pytest.approx(0.5)  # the reference runs it
+        with pytest.raises(ValueError, match="rcpa.loss.kl_type = 'test_abs': this KL estimator has no branch in "
+                                             "ops.rcpa_loss._token_kernel"):
+            rcpa_loss_from_logits(*args, config=cfg, ref_logp=batch["ref_logp"])
+    finally:
+        KL_ESTIMATORS.remove("test_abs")
 
 
 def _tp_worker():

@@ -36,10 +36,14 @@ def test_pack_puts_prefix_and_generation_on_their_targets():
 
 
 def test_micro_batches_keep_groups_whole_and_bad_packs_are_named():
-    rs = [Rollout(g, [1], [2], [3], [0.0]) for g in (0, 0, 0, 1, 1, 2)]
-    b = pack_rollouts(rs, [0.0] * 6, pad_id=0)
-    sizes = [mb.num_rollouts for mb in b.micro_batches(2)]
-    assert sizes == [3, 2, 1]
+    from megatron_rcpa.train.step import split_micro_batches  # the trainer's micro-batching of a pack
+
+    rs = [Rollout(g, [1], [2], [3], [0.0]) for g in (0, 0, 0, 1, 1, 1, 2, 2, 2)]
+    b = pack_rollouts(rs, [0.0] * 9, pad_id=0)
+    micro = split_micro_batches(b, micro_batch_size=3, group_size=3)
+    assert [mb.prompt_ids[:, 0].tolist() for mb in micro] == [[0, 0, 0], [1, 1, 1], [2, 2, 2]]
+    with pytest.raises(ValueError, match="must be a multiple of rcpa.group_size = 3"):
+        split_micro_batches(b, micro_batch_size=2, group_size=3)
     with pytest.raises(ValueError, match="rollouts of prompt 0 are not consecutive"):
         pack_rollouts([rs[0], rs[3], rs[1]], [0.0] * 3, pad_id=0)
     with pytest.raises(ValueError, match="2 generated tokens but 1 rollout log-probs"):
