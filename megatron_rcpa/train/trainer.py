@@ -123,12 +123,24 @@ def build_dataset(cfg: TrainConfig):
                                       image_size=cfg.data.image_size, reference_style=cfg.data.synthetic_reference)
     from megatron_rcpa.data.readers import ReaderConfig, load_samples
 
-    rc = ReaderConfig(prompt_field=cfg.data.prompt_key, reference_field=cfg.data.reference_key,
-                      image_field=cfg.data.image_key)
-    ds = load_samples(cfg.data.path, config=rc)
+    d = cfg.data
+    rc = ReaderConfig(prompt_field=d.prompt_key, reference_field=d.reference_key, image_field=d.image_key,
+                      require_reference=d.require_reference, max_prompt_chars=d.max_prompt_tokens * 8,
+                      min_pixels=d.min_pixels, max_pixels=d.max_pixels, oversize=d.oversize)
+    ds = load_samples(d.path, config=rc)
     if ds.stats.total_skipped:
         print(f"[data] {ds.stats.summary()}", flush=True)
+    if len(ds) == 0:
+        raise ValueError(f"data.path = {d.path!r}: no usable rows ({ds.stats.summary()})")
     return ds
+
+
+def prompt_token_check(family, max_prompt_tokens: int):
+    """The sampler's ``accept`` hook: ``prompt_too_long`` when the family's prompt (image tokens included) is
+    longer than ``data.max_prompt_tokens`` tokens (the reader's character check only bounds it cheaply)."""
+    def accept(sample) -> Optional[str]:
+        return "prompt_too_long" if len(family.format(sample).prompt_ids) > max_prompt_tokens else None
+    return accept
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
@@ -187,7 +199,8 @@ class Trainer:
             self.reference.eval().requires_grad_(False)
         self.dataset = build_dataset(cfg)
         self.sampler = PromptSampler(self.dataset, cfg.data.prompts_per_step, seed=cfg.run.seed,
-                                     shuffle=cfg.data.shuffle, dp_rank=0, dp_size=self.dp_size)
+                                     shuffle=cfg.data.shuffle, dp_rank=0, dp_size=self.dp_size,
+                                     accept=prompt_token_check(self.family, cfg.data.max_prompt_tokens))
         self.curriculum = Curriculum(cfg.rcpa.curriculum)
         self.reward_fn = get_reward(cfg.reward.name, **cfg.reward.kwargs)
         stop = StopChecker([self.tok.eos_token_id], cfg.rollout.stop, self.tok.decode)
