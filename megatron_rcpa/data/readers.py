@@ -1,18 +1,34 @@
-"""Readers: JSONL (or a JSON array), parquet, and a directory saved by HF ``datasets`` (``save_to_disk``).
+"""Readers: JSONL (or a JSON array), parquet, a directory saved by HF ``datasets`` (``save_to_disk``), and a
+hub-style dataset directory (a downloaded HF dataset repository of parquet / JSONL files, :func:`hub_dir_files`).
 
-Every format yields rows (dicts) that become :class:`~.sample.Sample` s the same way:
+Every format yields rows (dicts) that become :class:`~.sample.Sample` s the same way. A field name may be a
+dotted path into nested dicts (``reward_model.ground_truth``, ``extra_info.answer``); a key that exists
+literally, dots included, wins.
 
 - ``prompt`` (field name ``ReaderConfig.prompt_field``): non-empty text, else the row is skipped as
-  ``empty_prompt``.
-- ``reference`` (``reference_field``): text (numbers are turned into text); a list of texts keeps the first as
+  ``empty_prompt``. Or a chat message list (verl, TRL conversational): ``[{"role": ..., "content": ...}]``
+  with ``content`` a string or a list of parts (``{"type": "text", "text": ...}``, ``{"type": "image"}``); the
+  list is kept as it is in ``Sample.messages`` and ``Sample.prompt`` is the text of the user turns (joined by
+  newlines) without ``<image>`` placeholders. Placeholders (``<image>`` in the text, image parts) must number
+  the row's images when there are any (else ``image_count_mismatch``); messages that are not of that shape are
+  ``malformed_messages``. ``max_prompt_chars`` (characters of all turns) skips longer prompts as
+  ``prompt_too_long`` (a cheap bound; the trainer checks the exact token count when it loads a sample).
+- ``reference`` (``reference_field``; None: the first of :data:`REFERENCE_FIELDS` the row has: ``reference``,
+  verl's ``reward_model.ground_truth``, TRL's ``completion``, ``solution``): text (numbers are turned into
+  text); a message list (TRL ``completion``) gives its assistant turns' text; a list of texts keeps the first as
   ``reference`` and all in ``meta["all_references"]``. Missing/empty is ``None``, or a skipped
-  ``missing_reference`` row when ``require_reference``.
+  ``missing_reference`` row when ``require_reference`` (``invalid_reference`` when it is there but not text).
+- ``data_source`` and ``extra_info`` (a dict) go to ``Sample.data_source`` / ``Sample.extra_info``.
 - images: the field ``image_field`` when set, else ``images`` (when present and not null), else ``image``;
   one value or a list. A value is
   a path (relative to the data file's folder, or absolute), raw bytes, ``{"bytes": ..., "path": ...}`` (how HF
   ``datasets`` stores an ``Image`` feature; bytes win), a base64 string or a ``data:image/...;base64,`` URI.
   A path that does not exist is ``missing_image``; something PIL cannot open is ``unreadable_image``. A row
   without images is kept unless ``require_images``.
+- image size, as Qwen2-VL's processor sees it (:mod:`.image_size`): an image whose ``smart_resize``-rounded
+  size is above ``max_pixels`` is skipped as ``image_too_large`` (``oversize="skip"``, the default), or resized
+  to ``smart_resize``'s size when the sample is loaded (``oversize="resize"``, which also scales images under
+  ``min_pixels`` up); an aspect ratio above 200 is ``bad_image_shape``. Images inside the limits are untouched.
 - ``id`` (``id_field``): the row's id when present, else ``<file name>:<n>`` with n the 1-based line
   number for JSONL and the 0-based row number for parquet / arrow. A repeated id is ``duplicate_id``.
 - every other field goes to ``meta`` (a ``meta`` dict field is merged into it; binary values are dropped).
@@ -22,15 +38,16 @@ missing or cannot be read at all raises an error naming it.
 
 Images are checked when the data is read (``verify_images="header"``: PIL opens and verifies the file without
 decoding the pixels, which catches missing files, bad headers and PNG checksum errors; ``"full"`` decodes them;
-``"none"`` only checks that paths exist) and decoded when a sample is accessed (``SampleDataset[i]``),
-converted to ``image_mode`` ("RGB"; None keeps the file's mode); ``preload=True`` decodes them all at read time
-and keeps them in memory. An image that passed the header check but cannot be decoded (e.g. a truncated JPEG)
-raises :class:`SampleLoadError` on access and is counted then as ``unreadable_image``;
-:class:`~.sampler.PromptSampler` serves a substitute sample in its place.
+``"none"`` only checks that paths exist, and reads the header for the size when pixel limits are set) and
+decoded when a sample is accessed (``SampleDataset[i]``), converted to ``image_mode`` ("RGB"; None keeps the
+file's mode; ``oversize="resize"`` resizes it then); ``preload=True`` decodes them all at read time and keeps
+them in memory. An image that passed the header check but cannot be decoded (e.g. a truncated JPEG) raises
+:class:`SampleLoadError` on access and is counted then as ``unreadable_image``; :class:`~.sampler.PromptSampler`
+serves a substitute sample in its place.
 
 The HF ``datasets`` directory is read with pyarrow directly (its ``state.json`` lists the Arrow stream
 files), so ``datasets`` need not be installed; a ``DatasetDict`` directory needs ``split`` (default ``train``
-when present, else the only split).
+when present, else the only split). A hub-style directory picks its split the same way.
 """
 
 from __future__ import annotations
@@ -68,7 +85,7 @@ PathLike = Union[str, os.PathLike]
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
-FORMATS = ("jsonl", "parquet", "hf_disk")
+FORMATS = ("jsonl", "parquet", "hf_disk", "hub_dir")
 VERIFY_MODES = ("header", "full", "none")
 # reference_field=None: the first of these the row has (plain, verl, TRL conversational, TRL prompt/solution)
 REFERENCE_FIELDS = ("reference", "reward_model.ground_truth", "completion", "solution")
@@ -620,13 +637,70 @@ def _read_hf_disk(directory: Path, col: _Collector, id_prefix: str, split: Optio
                 i += 1
 
 
+# split names as HF ``datasets`` recognises them in a hub-style repository's file names (its default patterns)
+HUB_SPLIT_KEYWORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "dev", "val"),
+                      "test": ("test", "testing", "eval", "evaluation")}
+HUB_SUFFIXES = (".jsonl", ".ndjson") + PARQUET_SUFFIXES
+
+
+def _hub_split(rel: str) -> Optional[str]:
+    tokens = set(re.split(r"[/._\-\s0-9]+", rel.lower()))
+    return next((name for name, words in HUB_SPLIT_KEYWORDS.items() if tokens.intersection(words)), None)
+
+
+def hub_dir_files(directory: PathLike, split: Optional[str] = None) -> List[Path]:
+    """The data files of one split of a hub-style dataset directory (a downloaded HF dataset repository:
+    parquet / JSONL files such as ``data/train-00000-of-00002.parquet`` or ``test.jsonl``, hidden folders left
+    out). A file's split is the keyword its path holds (``train``/``training``, ``validation``/``valid``/``dev``/
+    ``val``, ``test``/``testing``/``eval``/``evaluation``, as ``datasets`` reads them); when no file names a split,
+    all files are the one ``train`` split. ``split`` None picks ``train``, else the only split. A README's
+    ``configs:`` section is not read."""
+    d = Path(directory)
+    files = sorted(f for f in d.rglob("*") if f.is_file() and f.suffix.lower() in HUB_SUFFIXES
+                   and not any(part.startswith(".") for part in f.relative_to(d).parts))
+    if not files:
+        raise DataFileError(f"{str(d)!r} is neither a dataset saved with save_to_disk (no state.json or "
+                            f"dataset_dict.json) nor a dataset directory holding {HUB_SUFFIXES} files")
+    by_split: Dict[Optional[str], List[Path]] = {}
+    for f in files:
+        by_split.setdefault(_hub_split(f.relative_to(d).as_posix()), []).append(f)
+    named = {k: v for k, v in by_split.items() if k is not None}
+    if not named:
+        named = {"train": files}
+    elif None in by_split:
+        logger.warning("%s: files that name no split are not read: %s", d,
+                       ", ".join(f.relative_to(d).as_posix() for f in by_split[None]))
+    if split is None:
+        if "train" in named:
+            split = "train"
+        elif len(named) == 1:
+            split = next(iter(named))
+        else:
+            raise ValueError(f"{str(d)!r} holds the splits {sorted(named)}: choose one with split=")
+    if split not in named:
+        raise ValueError(f"{str(d)!r} has no split {split!r}: expected one of {sorted(named)}")
+    return named[split]
+
+
+def _read_hub_dir(directory: Path, col: _Collector, id_prefix: str, split: Optional[str]) -> None:
+    for f in hub_dir_files(directory, split):
+        rel = f.relative_to(directory).as_posix()
+        col.base_dir = f.parent
+        if f.suffix.lower() in PARQUET_SUFFIXES:
+            _read_parquet(f, col, f"{id_prefix}/{rel}")
+        else:
+            _read_jsonl(f, col, f"{id_prefix}/{rel}")
+
+
 def detect_format(path: PathLike) -> str:
-    """``hf_disk`` for a directory, ``jsonl`` / ``parquet`` from the suffix; raises naming the path otherwise."""
+    """A directory: ``hf_disk`` (``save_to_disk``: it has ``state.json`` or ``dataset_dict.json``) or ``hub_dir``
+    (parquet / JSONL files, see :func:`hub_dir_files`); a file: ``jsonl`` / ``parquet`` from the suffix; raises
+    naming the path otherwise."""
     p = Path(path)
     if not p.exists():
         raise DataFileError(f"data file {str(p)!r} does not exist")
     if p.is_dir():
-        return "hf_disk"
+        return "hf_disk" if (p / "state.json").is_file() or (p / "dataset_dict.json").is_file() else "hub_dir"
     suffix = p.suffix.lower()
     if suffix in JSONL_SUFFIXES:
         return "jsonl"
@@ -698,9 +772,10 @@ class SampleDataset(Sequence[Sample]):
 
 def load_samples(paths: Union[PathLike, Sequence[PathLike]], fmt: Optional[str] = None,
                  config: Optional[ReaderConfig] = None, **overrides: Any) -> SampleDataset:
-    """Read one or several data files (JSONL, parquet, or a ``save_to_disk`` directory) into a dataset.
+    """Read one or several data files (JSONL, parquet, a ``save_to_disk`` or hub-style directory) into a dataset.
 
-    ``fmt`` forces the format (``jsonl`` | ``parquet`` | ``hf_disk``) instead of guessing it from the path;
+    ``fmt`` forces the format (``jsonl`` | ``parquet`` | ``hf_disk`` | ``hub_dir``) instead of guessing it from
+    the path;
     ``overrides`` are :class:`ReaderConfig` fields (``require_reference=True``, ``prompt_field="question"``...).
     Skipped rows are logged (one warning with ``DataStats.summary()``) and kept in ``dataset.stats``.
     """
@@ -725,6 +800,8 @@ def load_samples(paths: Union[PathLike, Sequence[PathLike]], fmt: Optional[str] 
             _read_jsonl(path, col, prefix)
         elif kind == "parquet":
             _read_parquet(path, col, prefix)
+        elif kind == "hub_dir":
+            _read_hub_dir(path, col, prefix, cfg.split)
         else:
             _read_hf_disk(path, col, prefix, cfg.split)
         if stats.total_skipped:
@@ -756,5 +833,6 @@ def image_to_png_bytes(image: Image.Image) -> bytes:
 
 __all__ = [
     "DataFileError", "SampleLoadError", "ReaderConfig", "ImageSource", "SampleDataset", "load_samples",
-    "samples_from_rows", "detect_format", "hf_disk_files", "load_image", "image_to_png_bytes", "FORMATS",
+    "samples_from_rows", "detect_format", "hf_disk_files", "hub_dir_files", "get_field", "fit_image",
+    "REFERENCE_FIELDS", "load_image", "image_to_png_bytes", "FORMATS",
 ]

@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
-from megatron_rcpa.data import load_samples, samples_from_rows
+from megatron_rcpa.data import DataFileError, load_samples, samples_from_rows
 from megatron_rcpa.data.prompt import fallback_prompt
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -120,3 +121,32 @@ def test_sample_messages_are_copies():
     s.extra_info["k"].append(2)
     assert ds[0].messages[0]["content"] == "hi" and ds[0].extra_info == {"k": [1]}
     assert json.dumps(ds[0].messages)  # plain JSON-able lists and dicts
+
+
+def test_hub_style_dataset_directory(tmp_path):
+    """A downloaded HF dataset repository: data/<split>-NNNNN-of-NNNNN.parquet (+ README, hidden folders)."""
+    repo = tmp_path / "geo"
+    (repo / "data").mkdir(parents=True)
+    (repo / ".cache").mkdir()
+    (repo / "README.md").write_text("---\nlicense: mit\n---\n")
+    verl = (FIXTURES / "verl_geometry.parquet").read_bytes()
+    (repo / "data" / "train-00000-of-00002.parquet").write_bytes(verl)
+    (repo / "data" / "train-00001-of-00002.parquet").write_bytes(verl)
+    (repo / "data" / "test-00000-of-00001.parquet").write_bytes(verl)
+    (repo / ".cache" / "train-x.parquet").write_bytes(b"not read")
+    ds = load_samples(repo)
+    assert len(ds) == 8 and ds.ids[0] == "geo/data/train-00000-of-00002.parquet:0"
+    assert ds.ids[4] == "geo/data/train-00001-of-00002.parquet:0" and ds[4].reference == "5"
+    assert len(load_samples(repo, split="test")) == 4
+    with pytest.raises(ValueError, match="has no split 'validation': expected one of \\['test', 'train'\\]"):
+        load_samples(repo, split="validation")
+    # JSONL files that name no split are the train split; relative image paths resolve beside each file
+    flat = tmp_path / "flat"
+    (flat / "sub").mkdir(parents=True)
+    (flat / "sub" / "triangle.png").write_bytes((FIXTURES / "triangle.png").read_bytes())
+    (flat / "sub" / "rows.jsonl").write_text((FIXTURES / "trl_conversational.jsonl").read_text())
+    got = load_samples(flat, require_reference=True)
+    assert len(got) == 3 and len(got[2].images) == 1
+    (tmp_path / "empty" / "docs").mkdir(parents=True)
+    with pytest.raises(DataFileError, match="neither a dataset saved with save_to_disk .*no state.json"):
+        load_samples(tmp_path / "empty")
