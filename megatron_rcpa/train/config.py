@@ -16,6 +16,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from megatron_rcpa.algo.config import RCPAConfig, _check_choice, _check_int, _check_real, from_dict
+from megatron_rcpa.data.image_size import (
+    DEFAULT_FACTOR,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    OVERSIZE_MODES,
+    check_pixel_limits,
+)
 
 
 @dataclass
@@ -65,7 +72,7 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # JSONL, parquet or a saved `datasets` dir; None = synthetic
+    path: Optional[str] = None  # JSONL, parquet, a saved `datasets` dir or a downloaded hub dataset; None = synthetic
     synthetic: str = "counting"  # counting | geometry (used when path is None)
     synthetic_size: int = 64
     synthetic_reference: str = "full"  # full (a line of reasoning + \boxed{}) | short (just \boxed{answer})
@@ -75,23 +82,21 @@ class DataConfig:
     image_key: Optional[str] = None  # None: "images" when present, else "image"
     require_reference: bool = True  # RCPA forces reference prefixes: rows without a text reference are skipped
     max_prompt_tokens: int = 4096  # longer prompts (image tokens included) are skipped and counted
-    min_pixels: Optional[int] = 56 * 56  # Qwen2-VL processor's limits; oversize=resize scales smaller images up
-    max_pixels: Optional[int] = 28 * 28 * 1280  # larger images (smart_resize's rounding) are skipped or resized
+    min_pixels: Optional[int] = DEFAULT_MIN_PIXELS  # Qwen2-VL processor's 56*56; oversize=resize scales smaller up
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS  # its 28*28*1280: larger images are skipped or resized; null: off
     oversize: str = "skip"  # skip | resize (to the processor's smart_resize size)
     prompts_per_step: int = 8  # B prompts; B * rcpa.group_size rollouts per step
     shuffle: bool = True
 
     def __post_init__(self) -> None:
-        from megatron_rcpa.data.image_size import check_pixel_limits
-
         _check_int("data", "synthetic_size", self.synthetic_size, 1)
         _check_choice("data", "synthetic", self.synthetic, ("counting", "geometry"))
         _check_choice("data", "synthetic_reference", self.synthetic_reference, ("full", "short"))
         _check_int("data", "image_size", self.image_size, 28)
         _check_int("data", "prompts_per_step", self.prompts_per_step, 1)
         _check_int("data", "max_prompt_tokens", self.max_prompt_tokens, 1)
-        _check_choice("data", "oversize", self.oversize, ("skip", "resize"))
-        check_pixel_limits(self.min_pixels, self.max_pixels, "data", 28)
+        _check_choice("data", "oversize", self.oversize, OVERSIZE_MODES)
+        check_pixel_limits(self.min_pixels, self.max_pixels, "data", DEFAULT_FACTOR)
 
 
 @dataclass
