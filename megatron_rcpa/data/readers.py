@@ -21,8 +21,9 @@ literally, dots included, wins.
 - ``data_source`` and ``extra_info`` (a dict) go to ``Sample.data_source`` / ``Sample.extra_info``.
 - images: the field ``image_field`` when set, else ``images`` (when present and not null), else ``image``;
   one value or a list. A value is
-  a path (relative to the data file's folder, or absolute), raw bytes, ``{"bytes": ..., "path": ...}`` (how HF
-  ``datasets`` stores an ``Image`` feature; bytes win), a base64 string or a ``data:image/...;base64,`` URI.
+  a path (relative to the data file's folder, or absolute; ``file://`` allowed), raw bytes,
+  ``{"bytes": ..., "path": ...}`` (how HF ``datasets`` stores an ``Image`` feature; bytes win), ``{"image": ...}``
+  (verl / qwen-vl-utils style), a base64 string or a ``data:image/...;base64,`` URI.
   A path that does not exist is ``missing_image``; something PIL cannot open is ``unreadable_image``. A row
   without images is kept unless ``require_images``.
 - image size, as Qwen2-VL's processor sees it (:mod:`.image_size`): an image whose ``smart_resize``-rounded
@@ -189,10 +190,14 @@ def _image_source(value: Any, base_dir: Path) -> ImageSource:
             return _image_source(bytes(value["bytes"]), base_dir)
         if value.get("path"):
             return _image_source(str(value["path"]), base_dir)
+        if value.get("image") is not None:  # verl / Qwen-style {"image": "file://..." | path | bytes}
+            return _image_source(value["image"], base_dir)
         raise _Skip("missing_image")
     if isinstance(value, str):
         if value.startswith("data:"):
             return ImageSource(data=_decode_base64(value))
+        if value.startswith("file://"):
+            value = value[len("file://"):]
         if len(value) < 4096:
             try:
                 path = _resolve_path(value, base_dir)

@@ -13,8 +13,8 @@ in index order (i + 1, i + 2, ... modulo the dataset size), so the batch keeps i
 the replacement is the same in a resumed run. An ``accept(sample) -> Optional[str]`` hook (e.g. the trainer's
 exact prompt-token check) refuses a loaded sample by returning a reason from ``SKIP_REASONS``
 (``prompt_too_long``...): it is replaced the same way, counted in ``rejected`` (and in the dataset's
-``stats`` when it has :class:`~.sample.DataStats`), and never served again. The hook must be deterministic, so
-that a resumed run serves the same replacements.
+``stats`` when it has :class:`~.sample.DataStats`), and never served again. The hook is asked once per index and
+must be deterministic, so that a resumed run (which asks again) serves the same replacements.
 
 The state is the epoch and the cursor (the number of indices of the epoch's order already served), plus what
 must not change across a resume (seed, shuffle, dataset length). ``state_dict()`` after k batches,
@@ -73,6 +73,7 @@ class PromptSampler:
         self.accept = accept
         self.unloadable: Set[int] = set()  # indices that raised SampleLoadError or were refused by accept
         self.rejected: Counter = Counter()  # accept's reasons -> number of distinct samples refused
+        self._accepted: Set[int] = set()  # indices the hook accepted (asked once per index)
 
     @property
     def global_batch_size(self) -> int:
@@ -129,8 +130,11 @@ class PromptSampler:
                 self.unloadable.add(j)
                 logger.warning("PromptSampler: skipping unloadable sample at index %d: %s", j, exc)
                 continue
-            reason = self.accept(sample) if self.accept is not None else None
+            if self.accept is None or j in self._accepted:
+                return sample
+            reason = self.accept(sample)
             if reason is None:
+                self._accepted.add(j)
                 return sample
             self._reject(j, sample, reason)
         raise RuntimeError(f"PromptSampler: none of the {self.num_samples} samples can be loaded and accepted "

@@ -150,3 +150,15 @@ def test_hub_style_dataset_directory(tmp_path):
     (tmp_path / "empty" / "docs").mkdir(parents=True)
     with pytest.raises(DataFileError, match="neither a dataset saved with save_to_disk .*no state.json"):
         load_samples(tmp_path / "empty")
+
+
+def test_verl_image_dicts_and_file_uris(tmp_path):
+    (tmp_path / "a.png").write_bytes((FIXTURES / "triangle.png").read_bytes())
+    rows = [{"id": "uri", "prompt": [{"role": "user", "content": "<image>x"}],
+             "images": [{"image": f"file://{tmp_path / 'a.png'}"}]},
+            {"id": "rel", "prompt": "y", "images": [{"image": "a.png"}]},
+            {"id": "bytes", "prompt": "z", "images": [{"image": (tmp_path / "a.png").read_bytes()}]},
+            {"id": "gone", "prompt": "w", "images": [{"image": "file:///nonexistent/b.png"}]}]
+    ds = samples_from_rows(rows, base_dir=tmp_path)
+    assert ds.ids == ["uri", "rel", "bytes"] and all(s.images[0].size == (56, 56) for s in ds)
+    assert ds.stats.examples["missing_image"] == ["gone"]
