@@ -38,6 +38,19 @@ logger = logging.getLogger(__name__)
 STATE_VERSION = 1
 
 
+def prompt_length_check(format_fn: Callable[[Any], Any], max_prompt_tokens: int) -> Callable[[Any], Optional[str]]:
+    """An ``accept`` hook: ``prompt_too_long`` when ``format_fn(sample).prompt_ids`` (the trainer passes its
+    family's ``format``: the prompt as the policy sees it, image tokens included) is longer than
+    ``max_prompt_tokens``; the readers' character bound (``max_prompt_chars``) only catches the extreme cases."""
+    if isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1:
+        raise ValueError(f"prompt_length_check: max_prompt_tokens = {max_prompt_tokens!r}: expected an integer >= 1")
+
+    def accept(sample: Any) -> Optional[str]:
+        return "prompt_too_long" if len(format_fn(sample).prompt_ids) > max_prompt_tokens else None
+
+    return accept
+
+
 class PromptSampler:
     """Batches of this rank's samples (``next_batch``) or indices (``next_indices``); iterating never ends."""
 

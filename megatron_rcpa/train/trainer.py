@@ -135,14 +135,6 @@ def build_dataset(cfg: TrainConfig):
     return ds
 
 
-def prompt_token_check(family, max_prompt_tokens: int):
-    """The sampler's ``accept`` hook: ``prompt_too_long`` when the family's prompt (image tokens included) is
-    longer than ``data.max_prompt_tokens`` tokens (the reader's character check only bounds it cheaply)."""
-    def accept(sample) -> Optional[str]:
-        return "prompt_too_long" if len(family.format(sample).prompt_ids) > max_prompt_tokens else None
-    return accept
-
-
 def lr_at(cfg: TrainConfig, step: int) -> float:
     o = cfg.optim
     if step < o.warmup_steps:
@@ -166,7 +158,7 @@ class Trainer:
         )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        from megatron_rcpa.data.sampler import PromptSampler
+        from megatron_rcpa.data.sampler import PromptSampler, prompt_length_check
         from megatron_rcpa.rewards import get_reward
 
         self.cfg = cfg
@@ -200,7 +192,7 @@ class Trainer:
         self.dataset = build_dataset(cfg)
         self.sampler = PromptSampler(self.dataset, cfg.data.prompts_per_step, seed=cfg.run.seed,
                                      shuffle=cfg.data.shuffle, dp_rank=0, dp_size=self.dp_size,
-                                     accept=prompt_token_check(self.family, cfg.data.max_prompt_tokens))
+                                     accept=prompt_length_check(self.family.format, cfg.data.max_prompt_tokens))
         self.curriculum = Curriculum(cfg.rcpa.curriculum)
         self.reward_fn = get_reward(cfg.reward.name, **cfg.reward.kwargs)
         stop = StopChecker([self.tok.eos_token_id], cfg.rollout.stop, self.tok.decode)

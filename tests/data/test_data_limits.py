@@ -112,9 +112,9 @@ def test_sampler_accept_hook_errors():
 
 def test_trainer_token_check_uses_the_family_prompt():
     pytest.importorskip("megatron.core")
+    from megatron_rcpa.data.sampler import prompt_length_check
     from megatron_rcpa.train.config import load_config
     from megatron_rcpa.train.families import adapter_for, build_tokenizer_and_config
-    from megatron_rcpa.train.trainer import prompt_token_check
 
     cfg = load_config(None, ["model.tiny=true", "model.family=qwen2_5_vl"])
     tok, hf_config = build_tokenizer_and_config(cfg)
@@ -124,10 +124,12 @@ def test_trainer_token_check_uses_the_family_prompt():
     sample = ds[0]
     sample.images = [img]
     n = len(family.format(sample).prompt_ids)  # image tokens (4 for 56x56) included
-    assert prompt_token_check(family, n)(sample) is None
-    assert prompt_token_check(family, n - 1)(sample) == "prompt_too_long"
+    assert prompt_length_check(family.format, n)(sample) is None
+    assert prompt_length_check(family.format, n - 1)(sample) == "prompt_too_long"
     sample.images = []
-    assert prompt_token_check(family, n - 1)(sample) is None  # 4 image tokens (+2 markers) fewer
+    assert prompt_length_check(family.format, n - 1)(sample) is None  # 4 image tokens (+2 markers) fewer
+    with pytest.raises(ValueError, match="max_prompt_tokens = 0"):
+        prompt_length_check(family.format, 0)
 
 
 # ------------------------------------------------------------------------------------------ item 9: image size
