@@ -166,6 +166,8 @@ class PromptSampler:
             stats.rows_kept -= 1
         logger.warning("PromptSampler: skipping sample %r at index %d: %s", sid, j, reason)
 
+    length_check = staticmethod(prompt_length_check)  # PromptSampler(..., accept=PromptSampler.length_check(f, n))
+
     def __iter__(self) -> Iterator[List[Any]]:
         return self
 

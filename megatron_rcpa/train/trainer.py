@@ -121,17 +121,13 @@ def build_dataset(cfg: TrainConfig):
 
         return make_synthetic_dataset(cfg.data.synthetic, cfg.data.synthetic_size, seed=cfg.run.seed,
                                       image_size=cfg.data.image_size, reference_style=cfg.data.synthetic_reference)
-    from megatron_rcpa.data.readers import ReaderConfig, load_samples
+    from megatron_rcpa.data.readers import load_samples
 
-    d = cfg.data
-    rc = ReaderConfig(prompt_field=d.prompt_key, reference_field=d.reference_key, image_field=d.image_key,
-                      require_reference=d.require_reference, max_prompt_chars=d.max_prompt_tokens * 8,
-                      min_pixels=d.min_pixels, max_pixels=d.max_pixels, oversize=d.oversize)
-    ds = load_samples(d.path, config=rc)
+    ds = load_samples(cfg.data.path, config=cfg.data.reader_config())
     if ds.stats.total_skipped:
         print(f"[data] {ds.stats.summary()}", flush=True)
     if len(ds) == 0:
-        raise ValueError(f"data.path = {d.path!r}: no usable rows ({ds.stats.summary()})")
+        raise ValueError(f"data.path = {cfg.data.path!r}: no usable rows ({ds.stats.summary()})")
     return ds
 
 
@@ -158,7 +154,7 @@ class Trainer:
         )
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-        from megatron_rcpa.data.sampler import PromptSampler, prompt_length_check
+        from megatron_rcpa.data.sampler import PromptSampler
         from megatron_rcpa.rewards import get_reward
 
         self.cfg = cfg
@@ -192,7 +188,7 @@ class Trainer:
         self.dataset = build_dataset(cfg)
         self.sampler = PromptSampler(self.dataset, cfg.data.prompts_per_step, seed=cfg.run.seed,
                                      shuffle=cfg.data.shuffle, dp_rank=0, dp_size=self.dp_size,
-                                     accept=prompt_length_check(self.family.format, cfg.data.max_prompt_tokens))
+                                     accept=PromptSampler.length_check(self.family.format, cfg.data.max_prompt_tokens))
         self.curriculum = Curriculum(cfg.rcpa.curriculum)
         self.reward_fn = get_reward(cfg.reward.name, **cfg.reward.kwargs)
         stop = StopChecker([self.tok.eos_token_id], cfg.rollout.stop, self.tok.decode)

@@ -222,6 +222,12 @@ def test_data_config_limits_and_errors():
     d = load_config(None).data
     assert (d.max_prompt_tokens, d.min_pixels, d.max_pixels, d.oversize) == (4096, 3136, 1003520, "skip")
     assert (d.min_pixels, d.max_pixels) == (DEFAULT_MIN_PIXELS, DEFAULT_MAX_PIXELS)
+    rc = load_config(None, ["data.max_prompt_tokens=10", "data.oversize=resize", "data.max_pixels=null",
+                            "data.reference_key=extra_info.answer"]).data.reader_config()
+    assert (rc.max_prompt_chars, rc.oversize, rc.max_pixels, rc.min_pixels) == (80, "resize", None, 3136)
+    assert rc.require_reference is True and rc.reference_field == "extra_info.answer"
+    assert d.reader_config(require_reference=False).require_reference is False  # e.g. a validation set
+    assert PromptSampler.length_check is not None
     for bad, match in [({"max_prompt_tokens": 0}, "max_prompt_tokens"), ({"oversize": "crop"}, "oversize"),
                        ({"max_pixels": 100}, "data.max_pixels = 100"), ({"min_pixels": -1}, "data.min_pixels")]:
         (key, value), = bad.items()
