@@ -1,16 +1,22 @@
-"""RCPA data: samples, readers (JSONL / parquet / HF ``save_to_disk``), a resumable DP-sharded prompt sampler,
+"""RCPA data: samples, readers (JSONL / parquet / HF ``save_to_disk`` and hub-style directories; plain, verl and
+TRL row schemas), image pixel limits (Qwen2-VL's ``smart_resize``), a resumable DP-sharded prompt sampler,
 synthetic verifiable domains (counting, geometry) and prompt formatting."""
 
+from .image_size import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, smart_resize
 from .prompt import IMAGE_PLACEHOLDERS, build_messages, build_prompt, fallback_prompt, image_placeholder_for
 from .readers import (
     FORMATS,
+    REFERENCE_FIELDS,
     DataFileError,
     ImageSource,
     ReaderConfig,
     SampleDataset,
     SampleLoadError,
     detect_format,
+    fit_image,
+    get_field,
     hf_disk_files,
+    hub_dir_files,
     image_to_png_bytes,
     load_image,
     load_samples,
@@ -29,7 +35,8 @@ from .synthetic import (
 __all__ = [
     "IMAGE_PLACEHOLDERS", "build_messages", "build_prompt", "fallback_prompt", "image_placeholder_for", "FORMATS",
     "DataFileError", "ImageSource", "ReaderConfig", "SampleDataset", "SampleLoadError", "detect_format",
-    "hf_disk_files",
+    "hf_disk_files", "hub_dir_files", "get_field", "fit_image", "REFERENCE_FIELDS", "smart_resize",
+    "DEFAULT_MIN_PIXELS", "DEFAULT_MAX_PIXELS",
     "image_to_png_bytes", "load_image", "load_samples", "samples_from_rows", "SKIP_REASONS", "DataStats", "Sample",
     "PromptSampler", "GEOMETRY_TASKS", "SYNTHETIC_KINDS", "make_synthetic_dataset", "make_synthetic_sample",
     "write_synthetic_jsonl",

@@ -17,6 +17,12 @@ SKIP_REASONS = (
     "missing_image",  # an image path that does not exist, or require_images=True and no image
     "unreadable_image",  # image bytes/base64/file that PIL cannot open
     "duplicate_id",  # an id already seen in this load (the first row wins)
+    "invalid_reference",  # require_reference=True and the reference is not text (a dict, a list of dicts...)
+    "malformed_messages",  # a chat-message prompt whose messages are not {role: str, content: str | parts}
+    "image_count_mismatch",  # the messages hold <image> placeholders, but not one per image of the row
+    "prompt_too_long",  # over the reader's max_prompt_chars, or the sampler's token check (data.max_prompt_tokens)
+    "image_too_large",  # above max_pixels (oversize="skip"), or too large for PIL to decode at all
+    "bad_image_shape",  # an aspect ratio above 200 (Qwen2-VL's processor refuses it) or a side of 0
 )
 
 
@@ -27,6 +33,11 @@ class Sample:
     ``meta`` holds the row's other fields (for the synthetic domains: ``kind``, ``answer``, ...). When a row
     gives several references (a list, e.g. several captions), ``reference`` is the first one and
     ``meta["all_references"]`` holds them all.
+
+    A row whose prompt is a chat (verl, TRL conversational) keeps the whole message list, as the file has it, in
+    ``messages`` (``[{"role": ..., "content": str | [parts]}]``; None for a plain-text prompt); ``prompt`` is then
+    the user turns' text without ``<image>`` placeholders. ``data_source`` and ``extra_info`` are verl's columns
+    of those names (None / empty when the row has none).
     """
 
     id: str
@@ -34,6 +45,9 @@ class Sample:
     reference: Optional[str] = None
     images: List[Image.Image] = field(default_factory=list)
     meta: Dict[str, Any] = field(default_factory=dict)
+    messages: Optional[List[Dict[str, Any]]] = None
+    data_source: Optional[str] = None
+    extra_info: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

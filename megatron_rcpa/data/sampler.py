@@ -10,7 +10,11 @@ a global batch is skipped; without it the last batch is completed from the start
 A sample that cannot be loaded when its batch is served (:class:`~.readers.SampleLoadError`: an image that
 passed the read-time check but does not decode) is logged and replaced by the first loadable sample after it
 in index order (i + 1, i + 2, ... modulo the dataset size), so the batch keeps its size, the run goes on, and
-the replacement is the same in a resumed run.
+the replacement is the same in a resumed run. An ``accept(sample) -> Optional[str]`` hook (e.g. the trainer's
+exact prompt-token check) refuses a loaded sample by returning a reason from ``SKIP_REASONS``
+(``prompt_too_long``...): it is replaced the same way, counted in ``rejected`` (and in the dataset's
+``stats`` when it has :class:`~.sample.DataStats`), and never served again. The hook is asked once per index and
+must be deterministic, so that a resumed run (which asks again) serves the same replacements.
 
 The state is the epoch and the cursor (the number of indices of the epoch's order already served), plus what
 must not change across a resume (seed, shuffle, dataset length). ``state_dict()`` after k batches,
@@ -23,20 +27,36 @@ from __future__ import annotations
 
 import logging
 import random
-from typing import Any, Dict, Iterator, List, Sequence, Set
+from collections import Counter
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set
 
 from .readers import SampleLoadError
+from .sample import SKIP_REASONS, DataStats
 
 logger = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 
 
+def prompt_length_check(format_fn: Callable[[Any], Any], max_prompt_tokens: int) -> Callable[[Any], Optional[str]]:
+    """An ``accept`` hook: ``prompt_too_long`` when ``format_fn(sample).prompt_ids`` (the trainer passes its
+    family's ``format``: the prompt as the policy sees it, image tokens included) is longer than
+    ``max_prompt_tokens``; the readers' character bound (``max_prompt_chars``) only catches the extreme cases."""
+    if isinstance(max_prompt_tokens, bool) or not isinstance(max_prompt_tokens, int) or max_prompt_tokens < 1:
+        raise ValueError(f"prompt_length_check: max_prompt_tokens = {max_prompt_tokens!r}: expected an integer >= 1")
+
+    def accept(sample: Any) -> Optional[str]:
+        return "prompt_too_long" if len(format_fn(sample).prompt_ids) > max_prompt_tokens else None
+
+    return accept
+
+
 class PromptSampler:
     """Batches of this rank's samples (``next_batch``) or indices (``next_indices``); iterating never ends."""
 
     def __init__(self, dataset: Sequence[Any], batch_size: int, seed: int = 0, shuffle: bool = True,
-                 dp_rank: int = 0, dp_size: int = 1, drop_last: bool = True):
+                 dp_rank: int = 0, dp_size: int = 1, drop_last: bool = True,
+                 accept: Optional[Callable[[Any], Optional[str]]] = None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"PromptSampler.batch_size = {batch_size!r}: expected an integer >= 1")
         if isinstance(dp_size, bool) or not isinstance(dp_size, int) or dp_size < 1:
@@ -63,7 +83,10 @@ class PromptSampler:
         self.batches_served = 0
         self._order_epoch = -1
         self._order: List[int] = []
-        self.unloadable: Set[int] = set()  # indices that raised SampleLoadError when served
+        self.accept = accept
+        self.unloadable: Set[int] = set()  # indices that raised SampleLoadError or were refused by accept
+        self.rejected: Counter = Counter()  # accept's reasons -> number of distinct samples refused
+        self._accepted: Set[int] = set()  # indices the hook accepted (asked once per index)
 
     @property
     def global_batch_size(self) -> int:
@@ -109,17 +132,41 @@ class PromptSampler:
         return [self.load(i) for i in self.next_indices()]
 
     def load(self, i: int) -> Any:
-        """Sample i, or (deterministically) the next loadable one if its image cannot be read."""
+        """Sample i, or (deterministically) the next loadable and accepted one (see the module docstring)."""
         for k in range(self.num_samples):
             j = (i + k) % self.num_samples
             if j in self.unloadable:
                 continue
             try:
-                return self.dataset[j]
+                sample = self.dataset[j]
             except SampleLoadError as exc:
                 self.unloadable.add(j)
                 logger.warning("PromptSampler: skipping unloadable sample at index %d: %s", j, exc)
-        raise RuntimeError(f"PromptSampler: none of the {self.num_samples} samples can be loaded")
+                continue
+            if self.accept is None or j in self._accepted:
+                return sample
+            reason = self.accept(sample)
+            if reason is None:
+                self._accepted.add(j)
+                return sample
+            self._reject(j, sample, reason)
+        raise RuntimeError(f"PromptSampler: none of the {self.num_samples} samples can be loaded and accepted "
+                           f"(refused: {dict(self.rejected)})")
+
+    def _reject(self, j: int, sample: Any, reason: Any) -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"PromptSampler: the accept hook returned {reason!r} for sample at index {j}: expected "
+                             f"None or one of {SKIP_REASONS}")
+        self.unloadable.add(j)
+        self.rejected[reason] += 1
+        sid = getattr(sample, "id", j)
+        stats = getattr(self.dataset, "stats", None)
+        if isinstance(stats, DataStats):
+            stats.skip(reason, sid)
+            stats.rows_kept -= 1
+        logger.warning("PromptSampler: skipping sample %r at index %d: %s", sid, j, reason)
+
+    length_check = staticmethod(prompt_length_check)  # PromptSampler(..., accept=PromptSampler.length_check(f, n))
 
     def __iter__(self) -> Iterator[List[Any]]:
         return self

@@ -16,6 +16,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from megatron_rcpa.algo.config import RCPAConfig, _check_choice, _check_int, _check_real, from_dict
+from megatron_rcpa.data.image_size import (
+    DEFAULT_FACTOR,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_PIXELS,
+    OVERSIZE_MODES,
+    check_pixel_limits,
+)
 
 
 @dataclass
@@ -71,26 +78,45 @@ class ParallelConfig:
 
 @dataclass
 class DataConfig:
-    path: Optional[str] = None  # JSONL, parquet or a saved `datasets` dir; None = synthetic
+    path: Optional[str] = None  # JSONL, parquet, a saved `datasets` dir or a downloaded hub dataset; None = synthetic
     synthetic: str = "counting"  # counting | geometry (used when path is None)
     synthetic_size: int = 64
     synthetic_reference: str = "full"  # full (a line of reasoning + \boxed{}) | short (just \boxed{answer})
     image_size: int = 56
-    prompt_key: str = "prompt"
-    reference_key: str = "reference"
+    prompt_key: str = "prompt"  # text, or a chat message list (verl / TRL); dotted keys reach nested fields
+    reference_key: Optional[str] = None  # None: reference, reward_model.ground_truth, completion, solution (first)
     image_key: Optional[str] = None  # None: "images" when present, else "image"
     prompts_per_step: int = 8  # B prompts per step over ALL data-parallel ranks (B / DP each), G rollouts each
     val_path: Optional[str] = None  # held-out data (same format/keys as path) for validation (run.val_interval)
     val_max_samples: int = 0  # validate on the first N held-out samples; 0 = all
     shuffle: bool = True
+    require_reference: bool = True  # RCPA forces reference prefixes: rows without a text reference are skipped
+    max_prompt_tokens: int = 4096  # longer prompts (image tokens included) are skipped and counted
+    min_pixels: Optional[int] = DEFAULT_MIN_PIXELS  # Qwen2-VL processor's 56*56; oversize=resize scales smaller up
+    max_pixels: Optional[int] = DEFAULT_MAX_PIXELS  # its 28*28*1280: larger images are skipped or resized; null: off
+    oversize: str = "skip"  # skip | resize (to the processor's smart_resize size)
 
     def __post_init__(self) -> None:
+        _check_int("data", "max_prompt_tokens", self.max_prompt_tokens, 1)
+        _check_choice("data", "oversize", self.oversize, OVERSIZE_MODES)
+        check_pixel_limits(self.min_pixels, self.max_pixels, "data", DEFAULT_FACTOR)
         _check_int("data", "synthetic_size", self.synthetic_size, 1)
         _check_choice("data", "synthetic", self.synthetic, ("counting", "geometry"))
         _check_choice("data", "synthetic_reference", self.synthetic_reference, ("full", "short"))
         _check_int("data", "image_size", self.image_size, 28)
         _check_int("data", "prompts_per_step", self.prompts_per_step, 1)
         _check_int("data", "val_max_samples", self.val_max_samples, 0)
+
+    def reader_config(self, **overrides: Any):
+        """The :class:`~megatron_rcpa.data.readers.ReaderConfig` these options ask for (``overrides`` are its
+        fields); the prompt length is bounded at ``8 * max_prompt_tokens`` characters when read and checked in
+        tokens when a sample is drawn (:func:`~megatron_rcpa.data.sampler.prompt_length_check`)."""
+        from megatron_rcpa.data.readers import ReaderConfig
+
+        return dataclasses.replace(ReaderConfig(
+            prompt_field=self.prompt_key, reference_field=self.reference_key, image_field=self.image_key,
+            require_reference=self.require_reference, max_prompt_chars=self.max_prompt_tokens * 8,
+            min_pixels=self.min_pixels, max_pixels=self.max_pixels, oversize=self.oversize), **overrides)
 
 
 @dataclass

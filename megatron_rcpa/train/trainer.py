@@ -129,11 +129,11 @@ def build_val_samples(cfg: TrainConfig) -> List[Any]:
     """The held-out samples of ``data.val_path`` (the first ``data.val_max_samples``), or [] without one."""
     if not cfg.data.val_path:
         return []
-    from megatron_rcpa.data.readers import ReaderConfig, load_samples
+    from megatron_rcpa.data.readers import load_samples
 
-    rc = ReaderConfig(prompt_field=cfg.data.prompt_key, reference_field=cfg.data.reference_key,
-                      image_field=cfg.data.image_key)
-    ds = load_samples(cfg.data.val_path, config=rc)
+    ds = load_samples(cfg.data.val_path, config=cfg.data.reader_config())
+    if len(ds) == 0:
+        raise ValueError(f"data.val_path = {cfg.data.val_path!r}: no usable rows ({ds.stats.summary()})")
     n = len(ds) if not cfg.data.val_max_samples else min(len(ds), cfg.data.val_max_samples)
     return [ds[i] for i in range(n)]
 
@@ -144,13 +144,13 @@ def build_dataset(cfg: TrainConfig):
 
         return make_synthetic_dataset(cfg.data.synthetic, cfg.data.synthetic_size, seed=cfg.run.seed,
                                       image_size=cfg.data.image_size, reference_style=cfg.data.synthetic_reference)
-    from megatron_rcpa.data.readers import ReaderConfig, load_samples
+    from megatron_rcpa.data.readers import load_samples
 
-    rc = ReaderConfig(prompt_field=cfg.data.prompt_key, reference_field=cfg.data.reference_key,
-                      image_field=cfg.data.image_key)
-    ds = load_samples(cfg.data.path, config=rc)
+    ds = load_samples(cfg.data.path, config=cfg.data.reader_config())
     if ds.stats.total_skipped:
         print(f"[data] {ds.stats.summary()}", flush=True)
+    if len(ds) == 0:
+        raise ValueError(f"data.path = {cfg.data.path!r}: no usable rows ({ds.stats.summary()})")
     return ds
 
 
@@ -228,7 +228,8 @@ class Trainer:
         self.dataset = build_dataset(cfg)
         # the global batch is data.prompts_per_step prompts; this rank loads only its share of them
         self.sampler = PromptSampler(self.dataset, cfg.data.prompts_per_step // self.dp_size, seed=cfg.run.seed,
-                                     shuffle=cfg.data.shuffle, dp_rank=self.dp_rank, dp_size=self.dp_size)
+                                     shuffle=cfg.data.shuffle, dp_rank=self.dp_rank, dp_size=self.dp_size,
+                                     accept=PromptSampler.length_check(self.family.format, cfg.data.max_prompt_tokens))
         self.reward = get_reward(cfg.reward.name, api=cfg.reward.api, **cfg.reward.kwargs)
         fit = getattr(self.reward.fn, "fit_references", None)
         if callable(fit):  # e.g. CIDEr-D's document frequencies: once, on the training references (any layout)
