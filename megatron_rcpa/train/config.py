@@ -36,6 +36,7 @@ class RunConfig:
     resume: str = "auto"  # auto (latest checkpoint in output_dir if any) | never | a checkpoint directory
     progress_bar: bool = True
     kernels: str = "auto"  # triton | torch | auto (Triton kernels on GPU, the plain-torch path on CPU)
+    mode: str = "rcpa"  # rcpa (the method) | sft (imitation of the full reference, no rollouts: the SFT baseline)
     val_interval: int = 0  # steps between validations on data.val_path; 0 = only at the end (if val_path)
     val_before_train: bool = False  # validate at step 0 too: the baseline before any update
     val_greedy: bool = True  # greedy decoding for validation (else the rollout temperature / top-p)
@@ -48,6 +49,7 @@ class RunConfig:
         _check_int(o, "save_interval", self.save_interval, 0)
         _check_int(o, "seed", self.seed, 0)
         _check_choice(o, "kernels", self.kernels, ("auto", "triton", "torch"))
+        _check_choice(o, "mode", self.mode, ("rcpa", "sft"))
         _check_int(o, "val_interval", self.val_interval, 0)
         _check_int(o, "val_generations", self.val_generations, 0)
 

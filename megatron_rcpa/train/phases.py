@@ -94,9 +94,14 @@ class Trajectory:
         return self.plan.k[self.first_prompt:self.first_prompt + len(self.prompts)]
 
 
+def rows_per_prompt(cfg) -> int:
+    """Rollouts per prompt: ``rcpa.group_size``, or 1 in ``run.mode=sft`` (the reference itself)."""
+    return 1 if cfg.run.mode == "sft" else cfg.rcpa.group_size
+
+
 def check_batch_layout(cfg, dp_size: int) -> None:
     """Config errors of the batch layout for ``dp_size`` data-parallel ranks, before any work is done."""
-    b, g = cfg.data.prompts_per_step, cfg.rcpa.group_size
+    b, g = cfg.data.prompts_per_step, rows_per_prompt(cfg)
     if b % dp_size:
         raise StepConfigError(f"data.prompts_per_step = {b} (the global number of prompts per step) must be a "
                               f"multiple of the data-parallel size {dp_size}")
@@ -151,6 +156,22 @@ def rollout(ctx: StepContext, traj: Trajectory) -> Trajectory:
     return traj
 
 
+def imitate(ctx: StepContext, traj: Trajectory) -> Trajectory:
+    """``run.mode=sft`` in place of :func:`rollout`: one row per prompt holding its whole reference as the
+    forced prefix and nothing generated, so the loss is the imitation NLL of the reference (supervised
+    fine-tuning through the same schedule, loss kernels and checkpoints)."""
+    rows = []
+    for i, p in enumerate(traj.prompts):
+        if not p.reference_ids:
+            raise ValueError(f"run.mode=sft: prompt {p.key!r} has no reference to imitate")
+        rows.append(Rollout(prompt_id=i, prompt_tokens=list(p.prompt_ids), prefix_tokens=list(p.reference_ids),
+                            generated_tokens=[], rollout_logp=[]))
+    traj.rollouts = rows
+    traj.rewards = [0.0] * len(rows)
+    traj.all_rewards = [0.0] * (len(rows) * ctx.groups.dp_size)
+    return traj
+
+
 def score(ctx: StepContext, traj: Trajectory, reward_fn: RewardFn) -> Trajectory:
     """Rewards of this rank's rollouts, then the global batch's on every rank (gathered over data parallel)."""
     traj.rewards = [float(r) for r in reward_fn(traj)]
@@ -166,16 +187,19 @@ def advantages(ctx: StepContext, traj: Trajectory) -> Trajectory:
     then the rollouts are packed into fixed-shape micro-batches with their vision inputs."""
     from megatron_rcpa.ops import group_advantages
 
-    cfg, g = ctx.cfg, ctx.cfg.rcpa.group_size
-    dev = ctx.device  # the Triton kernel needs the rewards on the GPU
-    n_all = len(traj.all_rewards)
-    rewards = torch.tensor(traj.all_rewards, dtype=torch.float32, device=dev)
-    group_ids = torch.arange(n_all // g, device=dev).repeat_interleave(g)
-    adv = group_advantages(rewards, group_ids, estimator=cfg.rcpa.advantage.estimator, eps=cfg.rcpa.advantage.eps,
-                           batch_std=cfg.rcpa.advantage.batch_std, impl=ctx.impl)
-    first = traj.first_prompt * g
-    traj.advantages = adv.advantages[first:first + len(traj.rollouts)].float().cpu()
-    traj.zero_var_frac = float(adv.zero_var_frac)
+    cfg, g = ctx.cfg, rows_per_prompt(ctx.cfg)
+    if cfg.run.mode == "sft":  # nothing generated: no policy-gradient term
+        traj.advantages = torch.zeros(len(traj.rollouts))
+    else:
+        dev = ctx.device  # the Triton kernel needs the rewards on the GPU
+        n_all = len(traj.all_rewards)
+        rewards = torch.tensor(traj.all_rewards, dtype=torch.float32, device=dev)
+        group_ids = torch.arange(n_all // g, device=dev).repeat_interleave(g)
+        adv = group_advantages(rewards, group_ids, estimator=cfg.rcpa.advantage.estimator,
+                               eps=cfg.rcpa.advantage.eps, batch_std=cfg.rcpa.advantage.batch_std, impl=ctx.impl)
+        first = traj.first_prompt * g
+        traj.advantages = adv.advantages[first:first + len(traj.rollouts)].float().cpu()
+        traj.zero_var_frac = float(adv.zero_var_frac)
     adv_list = traj.advantages.tolist()
     traj.batch = pack_rollouts(traj.rollouts, adv_list, pad_id=ctx.pad_id, pad_to_multiple=8)
     mbs = min(cfg.optim.micro_batch_size, traj.batch.num_rollouts)
@@ -214,7 +238,7 @@ def logprobs(ctx: StepContext, traj: Trajectory, lambda_t: Optional[float] = Non
     (the profiler fixes it)."""
     cfg = ctx.cfg
     if lambda_t is None:
-        lambda_t = ctx.curriculum.lambda_t(cfg.rcpa.loss.lambda_0)
+        lambda_t = 1.0 if cfg.run.mode == "sft" else ctx.curriculum.lambda_t(cfg.rcpa.loss.lambda_0)
     traj.step_config = StepConfig(loss=cfg.rcpa.loss, lambda_t=lambda_t,
                                   temperature=cfg.rollout.temperature, vocab_size=ctx.vocab_size, impl=ctx.impl)
     traj.old_logp = None
@@ -266,6 +290,7 @@ def step_metrics(ctx: StepContext, traj: Trajectory, train_metrics: Dict[str, fl
     metrics.update({
         "lambda_t": traj.step_config.lambda_t, "zero_var_frac": traj.zero_var_frac, "lr": lr_at(ctx.cfg, traj.step),
         "response_length": statistics.mean(len(r.response_tokens) for r in traj.rollouts),
+        "gen_tokens": gen_tokens * ctx.groups.dp_size, "seq_tokens": float(batch.lengths.sum()) * ctx.groups.dp_size,
         "padding_frac": 1.0 - float(batch.lengths.sum()) / max(padded, 1), "time_rollout": times.get("rollout", 0.0),
         "time_logprob": times.get("logprob", 0.0), "time_train": times.get("train", 0.0), "time_step": total,
         "tokens_per_s": float(batch.lengths.sum()) * ctx.groups.dp_size / max(total, 1e-9),

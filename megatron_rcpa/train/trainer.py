@@ -343,11 +343,13 @@ class Trainer:
         t0 = time.perf_counter()
         samples = self.sampler.next_batch()  # this rank's share; an unreadable image: the next loadable sample
         traj = phases.plan_step(ctx, self.step, [self.family.format(s) for s in samples], samples)
-        traj = phases.rollout(ctx, traj)
+        sft = self.cfg.run.mode == "sft"
+        traj = phases.imitate(ctx, traj) if sft else phases.rollout(ctx, traj)
         times["rollout"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        traj = phases.score(ctx, traj, self.reward_fn)
+        if not sft:
+            traj = phases.score(ctx, traj, self.reward_fn)
         traj = phases.advantages(ctx, traj)
         traj = phases.logprobs(ctx, traj)
         times["logprob"] = time.perf_counter() - t1
@@ -358,10 +360,13 @@ class Trainer:
 
         g = self.cfg.rcpa.group_size
         n_prompts = len(traj.plan.keys)
-        cur = self.curriculum.update(traj.plan, [traj.all_rewards[i * g:(i + 1) * g] for i in range(n_prompts)])
+        cur = {} if sft else self.curriculum.update(traj.plan, [traj.all_rewards[i * g:(i + 1) * g]
+                                                                for i in range(n_prompts)])
         metrics = phases.step_metrics(ctx, traj, train_metrics, cur, times)
         self.step += 1
-        metrics["phase_name"] = self.curriculum.phase
+        metrics["phase_name"] = "sft" if sft else self.curriculum.phase
+        if sft:
+            metrics.pop("zero_var_frac", None)  # no groups of rollouts
         return metrics
 
     def validate(self) -> Dict[str, float]:

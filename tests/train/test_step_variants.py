@@ -56,3 +56,32 @@ def test_groups_by_length_keeps_groups_whole_longest_first():
 
     rollouts = [r(0, 1), r(0, 2), r(1, 5), r(1, 1), r(2, 3), r(2, 3)]
     assert _groups_by_length(rollouts, 2) == [2, 3, 4, 5, 0, 1]
+
+
+def sft_worker() -> dict:
+    from megatron_rcpa.rollout import engine
+    from megatron_rcpa.train.config import load_config
+    from megatron_rcpa.train.trainer import Trainer
+
+    def no_rollouts(*args, **kwargs):
+        raise AssertionError("run.mode=sft must not generate")
+
+    engine.RolloutEngine.generate = no_rollouts
+    cfg = load_config("examples/configs/tiny_cpu.yaml", [
+        "run.mode=sft", "run.steps=3", "run.save_interval=0", "run.resume=never", "run.progress_bar=false",
+        "logging.tensorboard=false", "data.prompts_per_step=4", "rcpa.group_size=4", "optim.micro_batch_size=2",
+        "optim.lr=0.001", "run.output_dir=/tmp/unused-sft"])
+    trainer = Trainer(cfg)
+    return {"history": [trainer.train_one_step() for _ in range(3)]}
+
+
+@pytest.mark.multiproc
+@pytest.mark.megatron
+def test_sft_mode_imitates_the_reference_without_rollouts():
+    history = run_distributed(sft_worker, world_size=1, timeout=300)[0]["history"]
+    assert [h["phase_name"] for h in history] == ["sft"] * 3
+    nll = [h["imit_nll"] for h in history]
+    assert nll[0] > nll[1] > nll[2]  # the reference is learned
+    for h in history:
+        assert h["loss"] == pytest.approx(h["imit_nll"], rel=1e-5)  # lambda = 1, nothing generated
+        assert h["gen_tokens"] == 0 and h["seq_tokens"] > 0
