@@ -321,3 +321,23 @@ def test_mrope_decode_positions_reduce_to_one_position_per_row():
 
     res = run_distributed(mrope_worker, world_size=1, timeout=TIMEOUT)[0]
     assert all(res.values()), res
+
+
+def test_bench_rollout_quick_runs_and_writes_json(tmp_path):
+    """bench/bench_rollout.py --quick (tiny fp32 model on a CPU): both paths timed, same greedy first tokens."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_rollout.py"), "--quick", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (name,) = [n for n in os.listdir(tmp_path) if n.startswith("bench_rollout_")]
+    with open(tmp_path / name) as f:
+        data = json.load(f)
+    rows = data["results"]
+    assert {(r["batch"], r["prompt"]) for r in rows} == {(2, 6), (4, 6), (2, 12), (4, 12)}
+    for r in rows:
+        assert r["old_ms"] > 0 and r["new_ms"] > 0 and r["new_e2e_ms"] > 0 and r["tokens_equal"] is True
