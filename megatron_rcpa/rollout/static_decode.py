@@ -8,6 +8,8 @@ Contract (one chunk of rows, the same as ``RolloutEngine._generate_rows`` comput
         attention_mask,                 # [B, W] (1 = token, 0 = left padding)
         pixel_values=None,              # the rows' images in row order (Qwen2.5-VL patches / LLaVA images)
         image_grid_thw=None,            # Qwen2.5-VL only
+        image_rows=None,                # optional: row -> distinct prompt; pixel_values / image_grid_thw then
+                                        # hold each distinct prompt's images ONCE (encoded once, shared by rows)
         max_new_tokens=64, temperature=1.0, top_p=1.0,
         banned_ids=(),                  # never sampled (-inf before the softmax, as the engine does)
         eos_ids=(),                     # end a row on the device
@@ -41,12 +43,14 @@ early), but:
   height and width positions MRoPE is plain RoPE (tests/rollout/test_static_decode.py proves it against
   megatron's ``MultimodalRotaryEmbedding``), so decode is a cos/sin table lookup;
 * the prefill runs the decoder over the prompt once and computes the output layer for the LAST position
-  only (images are encoded by the policy's own ``embed``);
+  only; with ``image_rows`` each prompt's images go through the vision tower once and its G rows share the
+  features (scattered by the policy's own ``_embed_with_images``; :func:`static_generate_rows` does this);
 * sampling stays on the device (:func:`~megatron_rcpa.rollout.sampling.sample_next_tokens`, the function the
   reference calls, on the TP-gathered last-position logits); EOS and the finished state are device tensors;
   finished rows are fed ``pad_id`` (as in the reference) and cost the same compute (no compaction yet);
 * the host looks at the tokens every ``stop_check_every`` steps and at the end (stop strings: the first
-  length at which ``stop_check`` holds; all rows done: stop early);
+  length at which ``stop_check`` holds, searched only when it holds for the whole completion so far, i.e.
+  assuming a stop string, once decoded, stays in the text; all rows done: stop early);
 * on CUDA (``use_cuda_graph`` default: ``torch.cuda.is_available()``) the decode step (all layers, output
   layer, TP gather, sampling, bookkeeping) is captured once per (batch size, cache length, weight storage)
   in a ``torch.cuda.CUDAGraph`` and replayed; on a CPU it runs eagerly. The graph path has not run yet (no
@@ -211,23 +215,27 @@ class StaticDecoder:
         return torch.cos(emb).to(dtype), torch.sin(emb).to(dtype)
 
     # -------------------------------------------------------------------------------------- prefill
-    def _prefill_input(self, input_ids, attention_mask, pixel_values, image_grid_thw) -> torch.Tensor:
-        """[B, W, H] decoder input of the prompt (images scattered in by the policy's own ``embed``)."""
+    def _prefill_input(self, input_ids, pixel_values, image_grid_thw, image_rows):
+        """[B, W, H] decoder input of the prompt (images scattered in by the policy's own embedding code), and
+        the per-row image grids (Qwen2.5-VL positions need them; with ``image_rows`` they are repeated here)."""
         from megatron_rcpa.models.llava import LlavaPolicy
         from megatron_rcpa.models.qwen2_5_vl import Qwen2_5_VLPolicy
 
         policy = self.policy
-        if isinstance(policy, Qwen2_5_VLPolicy):
+        vlm = isinstance(policy, (Qwen2_5_VLPolicy, LlavaPolicy))
+        if isinstance(policy, LlavaPolicy) and image_grid_thw is not None:
+            raise ValueError("a LLaVA policy takes no image_grid_thw")
+        if not vlm and (pixel_values is not None or image_grid_thw is not None):
+            raise ValueError(f"{type(policy).__name__} takes no images (pixel_values/image_grid_thw given)")
+        if image_rows is not None and pixel_values is not None:
+            emb, image_grid_thw = shared_image_embed(policy, input_ids, pixel_values, image_grid_thw, image_rows)
+        elif isinstance(policy, Qwen2_5_VLPolicy):
             emb = policy.embed(input_ids, pixel_values, image_grid_thw, strict=True)
         elif isinstance(policy, LlavaPolicy):
-            if image_grid_thw is not None:
-                raise ValueError("a LLaVA policy takes no image_grid_thw")
             emb = policy.embed(input_ids, pixel_values, strict=True)
         else:
-            if pixel_values is not None or image_grid_thw is not None:
-                raise ValueError(f"{type(policy).__name__} takes no images (pixel_values/image_grid_thw given)")
             emb = policy.language_model.embedding(input_ids=input_ids, position_ids=None)
-        return emb.transpose(0, 1)
+        return emb.transpose(0, 1), image_grid_thw
 
     def _prefill_positions(self, input_ids, attention_mask, image_grid_thw, table):
         """(cos, sin) [B, W, 1, d] of the prompt and the [B] RoPE position of the first generated token."""
@@ -247,10 +255,11 @@ class StaticDecoder:
         return torch.cos(emb).to(dtype), torch.sin(emb).to(dtype), next_positions(pos, attention_mask)
 
     def prefill(self, state: _State, input_ids, attention_mask, pixel_values, image_grid_thw,
-                vocab_size: int) -> torch.Tensor:
-        """Fill the cache with the prompt; returns the last position's logits [B, vocab_size] (fp32)."""
+                vocab_size: int, image_rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Fill the cache with the prompt; returns the last position's logits [B, vocab_size] (fp32).
+        ``image_rows``: see :func:`static_generate`."""
         b, w = input_ids.shape
-        x = self._prefill_input(input_ids, attention_mask, pixel_values, image_grid_thw)
+        x, image_grid_thw = self._prefill_input(input_ids, pixel_values, image_grid_thw, image_rows)
         cos, sin, next_pos = self._prefill_positions(input_ids, attention_mask, image_grid_thw, state.table)
         key_ok = attention_mask.to(torch.bool)
         causal = torch.ones(w, w, dtype=torch.bool, device=x.device).tril()
@@ -314,6 +323,71 @@ class StaticDecoder:
             graph = _CapturedStep(self, _State(self, batch, length, max_new, device, dtype), sampler)
             self._graphs[key] = graph
         return graph
+
+
+def shared_image_embed(policy, input_ids: torch.Tensor, pixel_values: torch.Tensor,
+                       image_grid_thw: Optional[torch.Tensor], image_rows: Sequence[int]):
+    """[S, B, H] decoder input with each prompt's images encoded ONCE and shared by its rows.
+
+    ``pixel_values`` (and, for Qwen2.5-VL, ``image_grid_thw``) hold the images of the distinct prompts
+    0..U-1, each prompt's images once, in that order; ``image_rows[r]`` is the prompt of row ``r``. Returns
+    the embeddings (scattered by the policy's own ``_embed_with_images``) and the per-row grids (Qwen2.5-VL
+    positions) or None.
+    """
+    from megatron_rcpa.models.llava import LlavaPolicy
+
+    image_rows = [int(u) for u in image_rows]
+    b = input_ids.shape[0]
+    if len(image_rows) != b:
+        raise ValueError(f"image_rows has {len(image_rows)} entries for {b} rows")
+    image_id = policy.image_token_id
+    counts = (input_ids == image_id).sum(dim=1).tolist()
+    unique = max(image_rows) + 1
+    tokens_of = [-1] * unique
+    for r, u in enumerate(image_rows):
+        if u < 0:
+            raise ValueError(f"image_rows[{r}] = {u} must be >= 0")
+        if tokens_of[u] not in (-1, counts[r]):
+            raise ValueError(f"rows of prompt {u} hold different numbers of image tokens ({tokens_of[u]} vs "
+                             f"{counts[r]} in row {r}): image_rows must map rows to the prompt they repeat")
+        tokens_of[u] = counts[r]
+    if -1 in tokens_of:
+        raise ValueError(f"image_rows {image_rows} skips prompt {tokens_of.index(-1)}; expected 0..U-1 all used")
+    row_grids = None
+    if isinstance(policy, LlavaPolicy):
+        feats = policy.image_features(pixel_values)
+        feats = feats.reshape(-1, feats.shape[-1])
+    else:
+        if image_grid_thw is None:
+            raise ValueError("pixel_values given without image_grid_thw")
+        grid = image_grid_thw.reshape(-1, 3).long()
+        vision_dtype = next(policy.vision_model.parameters()).dtype
+        feats = policy.vision_model(pixel_values.to(vision_dtype), grid_thw=grid).pooler_output
+        per_image = (grid.prod(dim=1) // policy.spatial_merge_size ** 2).tolist()
+        images_of, i = [], 0
+        for need in tokens_of:  # a prompt's images are consecutive
+            start = i
+            while need > 0 and i < len(per_image):
+                need -= per_image[i]
+                i += 1
+            if need:
+                raise ValueError(f"image_grid_thw {grid.tolist()} does not split into the prompts' image tokens "
+                                 f"{tokens_of}")
+            images_of.append(list(range(start, i)))
+        row_grids = grid[[j for u in image_rows for j in images_of[u]]]
+    if feats.shape[0] != sum(tokens_of):
+        raise ValueError(f"the prompts hold {sum(tokens_of)} image tokens but their images gave {feats.shape[0]} "
+                         "features")
+    start = torch.tensor([0] + tokens_of[:-1], device=feats.device).cumsum(0).tolist()
+    index = torch.cat([torch.arange(start[u], start[u] + tokens_of[u], device=feats.device) for u in image_rows])
+    row_feats = feats.index_select(0, index)
+
+    def features(n: int) -> torch.Tensor:
+        if n != row_feats.shape[0]:
+            raise ValueError(f"input_ids hold {n} image tokens, the rows' images {row_feats.shape[0]}")
+        return row_feats
+
+    return policy._embed_with_images(input_ids, image_id, pixel_values, features, strict=True), row_grids
 
 
 class _State:
@@ -440,6 +514,7 @@ def static_generate(
     *,
     pixel_values: Optional[torch.Tensor] = None,
     image_grid_thw: Optional[torch.Tensor] = None,
+    image_rows: Optional[Sequence[int]] = None,
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
@@ -493,7 +568,7 @@ def static_generate(
                 sampler.generator.set_state(generator.get_state())
         else:
             state = _State(dec, b, length, max_new_tokens, device, dtype)
-        out = _run(dec, state, sampler, graph, input_ids, attention_mask, pixel_values, image_grid_thw,
+        out = _run(dec, state, sampler, graph, input_ids, attention_mask, pixel_values, image_grid_thw, image_rows,
                    stop_check=stop_check, every=int(stop_check_every))
         if graph is not None and generator is not None:
             generator.set_state(sampler.generator.get_state())
@@ -502,11 +577,12 @@ def static_generate(
         policy.train(was_training)
 
 
-def _run(dec, state, sampler, graph, input_ids, attention_mask, pixel_values, image_grid_thw, *, stop_check,
-         every) -> List[RowResult]:
+def _run(dec, state, sampler, graph, input_ids, attention_mask, pixel_values, image_grid_thw, image_rows, *,
+         stop_check, every) -> List[RowResult]:
     max_new, b = state.max_new, state.batch
     gen = sampler.generator
-    logits = dec.prefill(state, input_ids, attention_mask, pixel_values, image_grid_thw, sampler.vocab_size)
+    logits = dec.prefill(state, input_ids, attention_mask, pixel_values, image_grid_thw, sampler.vocab_size,
+                         image_rows)
     # generator state after each step since the last host check (to hand back the reference's final state)
     after: Dict[int, object] = {}
     checked = [0] * b  # completion length already searched for a stop string, per row
@@ -569,8 +645,11 @@ def static_generate_rows(engine, prompts, rows, gen, device) -> list:
     for r, s in enumerate(seqs):
         tokens[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
         mask[r, width - len(s):] = 1
-    pv = [prompts[i].pixel_values for i, _ in rows if prompts[i].pixel_values is not None]
-    grids = [prompts[i].image_grid_thw for i, _ in rows if prompts[i].image_grid_thw is not None]
+    # each prompt's images once (its G rows share the encoded features)
+    order = list(dict.fromkeys(i for i, _ in rows))
+    image_rows = [order.index(i) for i, _ in rows]
+    pv = [prompts[i].pixel_values for i in order if prompts[i].pixel_values is not None]
+    grids = [prompts[i].image_grid_thw for i in order if prompts[i].image_grid_thw is not None]
     tp_group = getattr(engine, "tp_group", None)
     if tp_group is None and ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() > 1:
         tp_group = ps.get_tensor_model_parallel_group()
@@ -579,7 +658,7 @@ def static_generate_rows(engine, prompts, rows, gen, device) -> list:
     out = static_generate(
         engine.policy, tokens.to(device), mask.to(device),
         pixel_values=torch.cat(pv).to(device) if pv else None,
-        image_grid_thw=torch.cat(grids).to(device) if grids else None,
+        image_grid_thw=torch.cat(grids).to(device) if grids else None, image_rows=image_rows if pv else None,
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, banned_ids=engine.banned,
         eos_ids=stop.eos_token_ids, stop_check=stop.is_done if stop.stop_strings else None, pad_id=engine.pad_id,
         vocab_size=engine.vocab_size, generator=gen, tp_group=tp_group,

@@ -153,8 +153,16 @@ def family_checks(family, tp_group=None):
     ref_e, new_e = _engines(policy, stop=StopChecker(EOS), params=SamplingParams(max_new_tokens=MAX_NEW),
                             banned=structural)
     ks = [0, 3, 6]
-    out["eos"] = (_rows(ref_e.generate(prompts, ks, group_size=2, step=1)),
-                  _rows(new_e.generate(prompts, ks, group_size=2, step=1)))
+    seen = {"ref": [], "new": []}  # image inputs the vision tower encoded, per path
+    key = ["ref"]
+    hook = (policy.vision_model.register_forward_pre_hook(lambda _m, args: seen[key[0]].append(args[0].shape[0]))
+            if policy.vision_model is not None else None)
+    ref_rows = _rows(ref_e.generate(prompts, ks, group_size=2, step=1))
+    key[0] = "new"
+    out["eos"] = (ref_rows, _rows(new_e.generate(prompts, ks, group_size=2, step=1)))
+    if hook is not None:
+        hook.remove()
+    out["vision_inputs"] = {k: sum(v) for k, v in seen.items()}
     out["references"] = [p.reference_ids for p in prompts]
     out["ks"] = ks
 
@@ -291,6 +299,8 @@ def test_static_decode_matches_the_reference_loop(tp1, family):
     assert any(r[4] for r in new) and any(len(r[2]) < MAX_NEW for r in new)  # EOS ended some rows early
     for pid, prefix, *_ in new:  # forced prefixes verbatim
         assert prefix == res["references"][pid][: res["ks"][pid]]
+    if family in ("qwen2_5_vl", "llava"):  # each prompt's images encoded once, not once per rollout (G=2)
+        assert res["vision_inputs"]["ref"] == 2 * res["vision_inputs"]["new"] > 0
     ref, new = res["stop"]
     _same_rollouts(ref, new)
     assert any(r[4] and "q" in _decode_text(r[2]) for r in new)  # stop strings ended rows
