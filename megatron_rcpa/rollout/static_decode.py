@@ -19,6 +19,8 @@ Contract (one chunk of rows, the same as ``RolloutEngine._generate_rows`` comput
         tp_group=None,                  # the policy's TP group (required when TP > 1)
         stop_check_every=8,             # host stop-string check period, in tokens
         greedy=False,                   # argmax instead of sampling (tests)
+        vocab_parallel_sampling=False,  # top_p = 1 only: draw from each rank's logits shard (Gumbel-max) with
+                                        # [B]-sized collectives instead of gathering [B, V] logits
     ) -> list of (generated_tokens: list[int], rollout_logp: list[float], finished: bool), one per row
 
 :func:`static_generate_rows` wraps it with ``RolloutEngine._generate_rows``' exact signature and return
@@ -56,8 +58,11 @@ early), but:
   in a ``torch.cuda.CUDAGraph`` and replayed; on a CPU it runs eagerly. The graph path has not run yet (no
   GPU where it was written): :mod:`bench.bench_rollout` exercises it.
 
-Not covered here: pipeline parallelism (PP > 1 raises), sequence parallelism, TP ranks drawing from vocab
-shards without gathering (Gumbel-max per shard), refilling finished rows.
+With ``vocab_parallel_sampling=True`` (top-p = 1) the TP ranks sample from their own logits shards
+(:mod:`.vocab_parallel_sampling`: the same exponential draws as ``multinomial``, Gumbel-max per shard, three
+[B]-sized collectives) instead of gathering ``[B, V]`` logits every step.
+
+Not covered here: pipeline parallelism (PP > 1 raises), sequence parallelism, refilling finished rows.
 """
 
 from __future__ import annotations
@@ -196,10 +201,13 @@ class StaticDecoder:
         act = layer.mlp.config.activation_func(gate) * up
         return x + self._row_parallel(act, layer.mlp.linear_fc2)
 
-    def _logits(self, x: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """[B, H] last hidden state -> [B, vocab_size] fp32 logits, gathered over TP."""
+    def _logits(self, x: torch.Tensor, vocab_size: int, gather: bool = True) -> torch.Tensor:
+        """[B, H] last hidden state -> [B, vocab_size] fp32 logits, gathered over TP (``gather=False``: this
+        rank's [B, V_padded / TP] shard, for :func:`~.vocab_parallel_sampling.sample_vocab_parallel`)."""
         lm = self.policy.language_model
         local = F.linear(lm.decoder.final_layernorm(x), self._output_weight())
+        if not gather:
+            return local.float()
         if self.tp_group is not None:
             parts = [torch.empty_like(local) for _ in range(self.tp)]
             dist.all_gather(parts, local.contiguous(), group=self.tp_group)
@@ -255,7 +263,7 @@ class StaticDecoder:
         return torch.cos(emb).to(dtype), torch.sin(emb).to(dtype), next_positions(pos, attention_mask)
 
     def prefill(self, state: _State, input_ids, attention_mask, pixel_values, image_grid_thw,
-                vocab_size: int, image_rows: Optional[Sequence[int]] = None) -> torch.Tensor:
+                vocab_size: int, image_rows: Optional[Sequence[int]] = None, gather: bool = True) -> torch.Tensor:
         """Fill the cache with the prompt; returns the last position's logits [B, vocab_size] (fp32).
         ``image_rows``: see :func:`static_generate`."""
         b, w = input_ids.shape
@@ -280,10 +288,10 @@ class StaticDecoder:
         state.valid[:, :w] = key_ok
         state.col.fill_(w)
         state.rope_pos.copy_(next_pos)
-        return self._logits(x[:, -1], vocab_size)
+        return self._logits(x[:, -1], vocab_size, gather)
 
     # ---------------------------------------------------------------------------------------- decode
-    def decode_logits(self, state: _State, vocab_size: int) -> torch.Tensor:
+    def decode_logits(self, state: _State, vocab_size: int, gather: bool = True) -> torch.Tensor:
         """One token per row (``state.tok_in``) at cache slot ``state.col`` and RoPE position ``state.rope_pos``;
         returns [B, vocab_size] fp32 logits and advances ``col`` / ``rope_pos``. Static shapes throughout."""
         b = state.tok_in.shape[0]
@@ -305,11 +313,11 @@ class StaticDecoder:
             x = self._mlp(layer, x + self._row_parallel(out, layer.self_attention.linear_proj))
         state.col.add_(1)
         state.rope_pos.add_(1)
-        return self._logits(x[:, 0], vocab_size)
+        return self._logits(x[:, 0], vocab_size, gather)
 
     def step(self, state: _State, sampler: _Sampler) -> None:
         """Decode step t >= 1: forward the previous tokens, sample, record (all on the device)."""
-        sampler.sample_and_record(state, self.decode_logits(state, sampler.vocab_size))
+        sampler.sample_and_record(state, self.decode_logits(state, sampler.vocab_size, gather=not sampler.sharded))
 
     # ------------------------------------------------------------------------------------ CUDA graphs
     def graph_for(self, batch: int, length: int, max_new: int, device, dtype, sampler: _Sampler) -> _CapturedStep:
@@ -420,7 +428,8 @@ class _Sampler:
     """Sampling + bookkeeping of one step, device-only (same processed distribution as the reference)."""
 
     def __init__(self, *, batch: int, vocab_size: int, temperature: float, top_p: float, greedy: bool,
-                 banned_ids: Sequence[int], eos_ids: Sequence[int], pad_id: int, generator, device) -> None:
+                 banned_ids: Sequence[int], eos_ids: Sequence[int], pad_id: int, generator, device,
+                 shard: Optional[Tuple[int, int, object]] = None) -> None:
         if not greedy and temperature <= 0:
             raise ValueError(f"static_generate: temperature = {temperature} must be > 0 (or greedy=True)")
         if not 0.0 < top_p <= 1.0:
@@ -438,10 +447,28 @@ class _Sampler:
         self.any_banned = bool(banned)
         self.eos = torch.tensor(sorted({int(t) for t in eos_ids}) or [-1], dtype=torch.long, device=device)
         self.pad_id = int(pad_id)
+        # shard = (vocab_start, local width, tp_group): sample from this rank's logits shard, no gather
+        self.sharded = shard is not None
+        if self.sharded:
+            if top_p < 1.0:
+                raise ValueError(f"static_generate: vocab_parallel_sampling needs top_p = 1 (got {top_p}): top-p "
+                                 "sorts the whole distribution")
+            self.vocab_start, width, self.tp_group = shard
+            cols = torch.arange(self.vocab_start, self.vocab_start + width, device=device)
+            self.local_banned = torch.zeros(width, dtype=torch.bool, device=device)
+            inside = cols < vocab_size
+            self.local_banned[inside] = self.banned[cols[inside]]
         self.key = (self.vocab_size, self.temperature, self.top_p, self.greedy, tuple(banned),
-                    tuple(self.eos.tolist()), self.pad_id)
+                    tuple(self.eos.tolist()), self.pad_id, self.sharded)
 
     def sample(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if self.sharded:
+            from .vocab_parallel_sampling import sample_vocab_parallel
+
+            return sample_vocab_parallel(logits, vocab_start=self.vocab_start, vocab_size=self.vocab_size,
+                                         temperature=self.temperature, greedy=self.greedy, generator=self.generator,
+                                         masked=self.local_banned if self.any_banned else None,
+                                         tp_group=self.tp_group)
         if self.any_banned:
             logits = logits.masked_fill(self.banned, float("-inf"))
         if self.greedy:
@@ -527,6 +554,7 @@ def static_generate(
     tp_group=None,
     stop_check_every: int = 8,
     greedy: bool = False,
+    vocab_parallel_sampling: bool = False,
     use_cuda_graph: Optional[bool] = None,
 ) -> List[RowResult]:
     """Generate up to ``max_new_tokens`` per row; see the module docstring for the contract.
@@ -552,8 +580,13 @@ def static_generate(
     if image_grid_thw is not None:
         image_grid_thw = image_grid_thw.to(device)
     length = _round_up(w + max_new_tokens, LENGTH_BUCKET)
+    shard = None
+    if vocab_parallel_sampling:
+        width = weight.shape[0]  # this rank's rows of the (padded) output layer
+        shard = ((0 if dec.tp_group is None else dist.get_rank(dec.tp_group)) * width, width, dec.tp_group)
     sampler = _Sampler(batch=b, vocab_size=vocab_size, temperature=temperature, top_p=top_p, greedy=greedy,
-                       banned_ids=banned_ids, eos_ids=eos_ids, pad_id=pad_id, generator=generator, device=device)
+                       banned_ids=banned_ids, eos_ids=eos_ids, pad_id=pad_id, generator=generator, device=device,
+                       shard=shard)
     if use_cuda_graph is None:
         use_cuda_graph = torch.cuda.is_available() and device.type == "cuda"
     was_training = policy.training
@@ -582,7 +615,7 @@ def _run(dec, state, sampler, graph, input_ids, attention_mask, pixel_values, im
     max_new, b = state.max_new, state.batch
     gen = sampler.generator
     logits = dec.prefill(state, input_ids, attention_mask, pixel_values, image_grid_thw, sampler.vocab_size,
-                         image_rows)
+                         image_rows, gather=not sampler.sharded)
     # generator state after each step since the last host check (to hand back the reference's final state)
     after: Dict[int, object] = {}
     checked = [0] * b  # completion length already searched for a stop string, per row
@@ -662,7 +695,8 @@ def static_generate_rows(engine, prompts, rows, gen, device) -> list:
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, banned_ids=engine.banned,
         eos_ids=stop.eos_token_ids, stop_check=stop.is_done if stop.stop_strings else None, pad_id=engine.pad_id,
         vocab_size=engine.vocab_size, generator=gen, tp_group=tp_group,
-        stop_check_every=getattr(engine, "stop_check_every", 8))
+        stop_check_every=getattr(engine, "stop_check_every", 8),
+        vocab_parallel_sampling=getattr(engine, "vocab_parallel_sampling", False))
     return [Rollout(prompt_id=i, prompt_tokens=list(prompts[i].prompt_ids), prefix_tokens=list(prefix),
                     generated_tokens=g, rollout_logp=lp, finished=f)
             for (i, prefix), (g, lp, f) in zip(rows, out)]

@@ -100,12 +100,13 @@ def _prompts(family, policy):
     return prompts
 
 
-def _engines(policy, *, stop, params, banned=(), max_rows=2, seed=5, every=3):
+def _engines(policy, *, stop, params, banned=(), max_rows=2, seed=5, every=3, vocab_parallel=False):
     from megatron_rcpa.rollout.engine import RolloutEngine
     from megatron_rcpa.rollout.static_decode import static_generate_rows
 
     class StaticEngine(RolloutEngine):
         stop_check_every = every
+        vocab_parallel_sampling = vocab_parallel
 
         def _generate_rows(self, prompts, rows, gen, device):
             return static_generate_rows(self, prompts, rows, gen, device)
@@ -163,6 +164,10 @@ def family_checks(family, tp_group=None):
     if hook is not None:
         hook.remove()
     out["vision_inputs"] = {k: sum(v) for k, v in seen.items()}
+    # the same, sampling from each TP rank's logits shard (Gumbel-max, no [B, V] gather)
+    _, vp_e = _engines(policy, stop=StopChecker(EOS), params=SamplingParams(max_new_tokens=MAX_NEW),
+                       banned=structural, vocab_parallel=True)
+    out["eos_vocab_parallel"] = _rows(vp_e.generate(prompts, ks, group_size=2, step=1))
     out["references"] = [p.reference_ids for p in prompts]
     out["ks"] = ks
 
@@ -215,7 +220,9 @@ def family_checks(family, tp_group=None):
     ref = greedy_generate(policy, ids, max_new_tokens=MAX_NEW, attention_mask=mask, **kw)
     got = static_generate(policy, ids, mask, max_new_tokens=MAX_NEW, pad_id=0, vocab_size=policy.vocab_size,
                           greedy=True, tp_group=tp_group, **kw)
-    out["greedy"] = (ref.tolist(), [g for g, _lp, _f in got])
+    got_vp = static_generate(policy, ids, mask, max_new_tokens=MAX_NEW, pad_id=0, vocab_size=policy.vocab_size,
+                             greedy=True, tp_group=tp_group, vocab_parallel_sampling=True, **kw)
+    out["greedy"] = (ref.tolist(), [g for g, _lp, _f in got], [g for g, _lp, _f in got_vp])
     return out
 
 
@@ -307,8 +314,9 @@ def test_static_decode_matches_the_reference_loop(tp1, family):
     assert all(t not in res["banned"] for r in new for t in r[2])
     assert res["nucleus_violations"] == 0
     assert res["teacher_forced_err"] <= 1e-5
-    ref_greedy, new_greedy = res["greedy"]
-    assert new_greedy == ref_greedy
+    ref_greedy, new_greedy, vp_greedy = res["greedy"]
+    assert new_greedy == ref_greedy == vp_greedy
+    _same_rollouts(res["eos"][0], res["eos_vocab_parallel"])
 
 
 @pytest.mark.multiproc
@@ -321,7 +329,10 @@ def test_tp2_ranks_agree_and_match_the_reference():
         for key in ("eos", "stop"):
             _same_rollouts(*a[key])
             assert [r[2] for r in a[key][1]] == [r[2] for r in b[key][1]]  # identical tokens on both TP ranks
-        assert a["greedy"][1] == a["greedy"][0] == b["greedy"][1]
+        # vocab-parallel sampling (each rank its own shard): the reference's tokens, on both ranks
+        _same_rollouts(a["eos"][0], a["eos_vocab_parallel"])
+        assert [r[2] for r in a["eos_vocab_parallel"]] == [r[2] for r in b["eos_vocab_parallel"]]
+        assert a["greedy"][1] == a["greedy"][0] == b["greedy"][1] == a["greedy"][2] == b["greedy"][2]
         assert a["teacher_forced_err"] <= 1e-5 and a["nucleus_violations"] == 0
 
 
