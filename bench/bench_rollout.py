@@ -205,6 +205,27 @@ def new_e2e(policy, ids, mask, banned, steps: int):
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
+def graph_checks(policy, banned):
+    """The captured decode step against the same step run eagerly: greedy and fixed-seed sampled tokens
+    (identical kernels and generator draws, so they must match exactly), and the caller's generator state
+    handed back. CUDA only."""
+    from megatron_rcpa.rollout.static_decode import static_generate
+
+    device = next(policy.parameters()).device
+    ids, mask = prompts_for(policy, 4, 70, seed=1)
+    out = {}
+    for greedy in (True, False):
+        runs = []
+        for graph in (False, True, True):  # eager, capture + replay, replay of the cached graph
+            gen = torch.Generator(device=device).manual_seed(3)
+            rows = static_generate(policy, ids, mask, max_new_tokens=12, banned_ids=banned, pad_id=0,
+                                   vocab_size=policy.vocab_size, generator=gen, greedy=greedy, use_cuda_graph=graph)
+            runs.append(([g for g, _lp, _f in rows], gen.get_state().tolist()))
+        out["greedy" if greedy else "sampled"] = {"tokens_equal": runs[0][0] == runs[1][0] == runs[2][0],
+                                                  "generator_state_equal": runs[0][1] == runs[1][1] == runs[2][1]}
+    return out
+
+
 def bench(args):
     cfg = QUICK if args.quick else FULL
     steps, warmup = args.steps or cfg["steps"], cfg["warmup"]
@@ -213,6 +234,9 @@ def bench(args):
     bw = copy_bandwidth()
     wbytes = weight_bytes(policy)
     results = []
+    checks = graph_checks(policy, banned) if CUDA else None
+    if checks is not None:
+        print(json.dumps({"graph_checks": checks}), flush=True)
     for prompt in cfg["prompts"]:
         for batch in cfg["batches"]:
             row = {"batch": batch, "prompt": prompt, "steps": steps, "weight_bytes": wbytes}
@@ -242,7 +266,7 @@ def bench(args):
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("greedy")}), flush=True)
             if CUDA:
                 torch.cuda.empty_cache()
-    return {"copy_bandwidth_Bps": bw, "results": results}
+    return {"copy_bandwidth_Bps": bw, "graph_checks": checks, "results": results}
 
 
 def _fmt(v):

@@ -76,11 +76,15 @@ import torch.nn.functional as F
 
 from .sampling import sample_next_tokens
 
-__all__ = ["LENGTH_BUCKET", "StaticDecoder", "static_generate", "static_generate_rows"]
+__all__ = ["LENGTH_BUCKET", "MAX_GRAPHS", "StaticDecoder", "decoder_for", "shared_image_embed", "static_generate",
+           "static_generate_rows"]
 
 #: Cache lengths are rounded up to a multiple of this, so that chunks with slightly different prompt widths
 #: share one CUDA graph (extra columns are masked keys).
 LENGTH_BUCKET = 64
+
+#: CUDA graphs kept per decoder (least recently used dropped first); each owns the KV cache of its shape.
+MAX_GRAPHS = 4
 
 RowResult = Tuple[List[int], List[float], bool]
 
@@ -325,11 +329,15 @@ class StaticDecoder:
         storage; captured on first use. Its sampler draws from a generator owned by the graph, whose state is
         copied from / back to the caller's generator around each use."""
         key = (batch, length, max_new, str(device), dtype, sampler.key, self.weight_key())
-        graph = self._graphs.get(key)
+        graph = self._graphs.pop(key, None)
         if graph is None:
-            self._graphs = {k: g for k, g in self._graphs.items() if k[:6] != key[:6]}  # stale weights
+            # drop graphs of stale weights, then the least recently used beyond MAX_GRAPHS (each holds a KV cache)
+            self._graphs = {k: g for k, g in self._graphs.items() if k[:6] != key[:6]}
+            while len(self._graphs) >= MAX_GRAPHS:
+                self._graphs.pop(next(iter(self._graphs)))
+            torch.cuda.empty_cache()
             graph = _CapturedStep(self, _State(self, batch, length, max_new, device, dtype), sampler)
-            self._graphs[key] = graph
+        self._graphs[key] = graph  # most recently used last
         return graph
 
 
