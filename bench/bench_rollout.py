@@ -68,20 +68,34 @@ def copy_bandwidth():
 
 
 def build_policy(quick: bool):
+    """The Qwen2.5-VL policy, built without megatron's (CPU) initialisation and filled on the device:
+    N(0, 0.02) weights, unit norms, zero biases (random weights decode at the same speed)."""
     from megatron_rcpa.models.qwen2_5_vl import build_qwen2_5_vl_policy
 
     if quick:
         from megatron_rcpa.models.tiny import tiny_qwen2_5_vl_config
 
-        return build_qwen2_5_vl_policy(tiny_qwen2_5_vl_config(), params_dtype=torch.float32).eval()
-    from make_arch_checkpoint import PRESETS  # bench/ is on sys.path (this script's folder)
-    from transformers import Qwen2_5_VLConfig
+        cfg, dtype = tiny_qwen2_5_vl_config(), torch.float32
+    else:
+        from make_arch_checkpoint import PRESETS  # bench/ is on sys.path (this script's folder)
+        from transformers import Qwen2_5_VLConfig
 
-    spec = PRESETS["1.5b"]
-    cfg = Qwen2_5_VLConfig(text_config=spec["text"], vision_config=spec["vision"], image_token_id=151655,
-                           video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-                           tie_word_embeddings=spec["text"]["tie_word_embeddings"])
-    return build_qwen2_5_vl_policy(cfg, params_dtype=torch.bfloat16).eval()
+        spec = PRESETS["1.5b"]
+        cfg = Qwen2_5_VLConfig(text_config=spec["text"], vision_config=spec["vision"], image_token_id=151655,
+                               video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+                               tie_word_embeddings=spec["text"]["tie_word_embeddings"])
+        dtype = torch.bfloat16
+    policy = build_qwen2_5_vl_policy(cfg, params_dtype=dtype, perform_initialization=False)
+    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in policy.language_model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+    return policy.eval()
 
 
 def weight_bytes(policy) -> int:
