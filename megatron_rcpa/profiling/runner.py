@@ -284,6 +284,8 @@ def profile_precision(cfg, run: PrecisionRun, settings: ProfileSettings, device:
     decoder, vision = _shapes(policy, hf_config, log)
     is_vlm = getattr(policy, "vision_model", None) is not None
     lambda_t = cfg.rcpa.loss.lambda_0 if settings.prefix_len else 0.0  # fixed: no curriculum state here
+    # the static decode path computes the prefill's last-position logits only
+    prefill_logits = "last" if cfg.rollout.decode == "static" and groups.pp_size == 1 else "all"
 
     timer = PhaseTimer(use_cuda=cuda)
     mismatch = float("nan")
@@ -340,7 +342,8 @@ def profile_precision(cfg, run: PrecisionRun, settings: ProfileSettings, device:
                  if vision is not None else [])
         passes = 2 if ctx.reference is not None else 1
         local = [
-            rollout_flops(decoder, prompt_lens, gen_lens, vision=vision, grids=grids, attention=settings.attention),
+            rollout_flops(decoder, prompt_lens, gen_lens, vision=vision, grids=grids, attention=settings.attention,
+                          prefill_logits=prefill_logits),
             logprob_flops(decoder, lengths, passes=passes, vision=vision, grids=grids, attention=settings.attention),
             train_flops(decoder, lengths, vision=vision, grids=grids, attention=settings.attention),
             sum(gen_lens), sum(lengths), int(batch.tokens.numel()),
@@ -381,7 +384,7 @@ def profile_precision(cfg, run: PrecisionRun, settings: ProfileSettings, device:
         "image_grid": [int(v) for v in first_grid[0]] if first_grid is not None else None,
         "max_new_tokens": new_tokens, "micro_batch_size": cfg.optim.micro_batch_size,
         "beta": beta, "reference_model": ctx.reference is not None, "loss_impl": impl,
-        "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p,
+        "temperature": cfg.rollout.temperature, "top_p": cfg.rollout.top_p, "rollout_decode": cfg.rollout.decode,
         "phases": "megatron_rcpa.train.phases: rollout+score+advantages | logprobs | update (train, optimizer)",
     }
 

@@ -45,7 +45,12 @@ class SamplingParams:
 
 class RolloutEngine:
     def __init__(self, policy, *, vocab_size: int, pad_id: int, stop: StopChecker, params: SamplingParams,
-                 seed: int = 0, max_rows: int = 64, banned_token_ids: Sequence[int] = (), groups=None) -> None:
+                 seed: int = 0, max_rows: int = 64, banned_token_ids: Sequence[int] = (), groups=None,
+                 decode: str = "static", stop_check_every: int = 8) -> None:
+        if decode not in ("static", "reference"):
+            raise ValueError(f"RolloutEngine decode = {decode!r}: expected 'static' or 'reference'")
+        self.decode = decode  # static: rollout/static_decode.py (PP = 1); reference: the per-token loop below
+        self.stop_check_every = int(stop_check_every)
         self.policy = policy
         self._groups = groups  # process groups (megatron_rcpa.runtime.parallel.ParallelGroups); default: megatron's
         self.vocab_size = int(vocab_size)
@@ -123,7 +128,15 @@ class RolloutEngine:
             tok, lp = packed[0].long(), packed[1].float()
         return tok, lp
 
+    @property
+    def tp_group(self):
+        return self.groups.tp_group if self.groups.tp_size > 1 else None
+
     def _generate_rows(self, prompts, rows, gen, device) -> List[Rollout]:
+        if self.decode == "static" and self.groups.pp_size == 1:
+            from .static_decode import static_generate_rows
+
+            return static_generate_rows(self, prompts, rows, gen, device)
         seqs = [prompts[i].prompt_ids + prefix for i, prefix in rows]
         b, width = len(seqs), max(len(s) for s in seqs)
         tokens = torch.full((b, width), self.pad_id, dtype=torch.long)

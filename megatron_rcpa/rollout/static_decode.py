@@ -703,7 +703,7 @@ def static_generate_rows(engine, prompts, rows, gen, device) -> list:
         max_new_tokens=p.max_new_tokens, temperature=p.temperature, top_p=p.top_p, banned_ids=engine.banned,
         eos_ids=stop.eos_token_ids, stop_check=stop.is_done if stop.stop_strings else None, pad_id=engine.pad_id,
         vocab_size=engine.vocab_size, generator=gen, tp_group=tp_group,
-        stop_check_every=getattr(engine, "stop_check_every", 8),
+        stop_check_every=getattr(engine, "stop_check_every", 8), greedy=bool(getattr(p, "greedy", False)),
         vocab_parallel_sampling=getattr(engine, "vocab_parallel_sampling", False))
     return [Rollout(prompt_id=i, prompt_tokens=list(prompts[i].prompt_ids), prefix_tokens=list(prefix),
                     generated_tokens=g, rollout_logp=lp, finished=f)

@@ -127,8 +127,14 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     stop: List[str] = field(default_factory=list)  # stop strings besides EOS
+    decode: str = "static"  # static (preallocated KV cache, SDPA, CUDA graphs on GPU; PP=1) | reference
+    max_rows: int = 64  # rollout rows decoded together (chunks of whole groups)
+    stop_check_every: int = 8  # static decode: host checks of stop strings / all-finished every k tokens
 
     def __post_init__(self) -> None:
+        _check_choice("rollout", "decode", self.decode, ("static", "reference"))
+        _check_int("rollout", "max_rows", self.max_rows, 1)
+        _check_int("rollout", "stop_check_every", self.stop_check_every, 1)
         _check_real("rollout", "temperature", self.temperature, lo=0.0, lo_open=True)
         _check_real("rollout", "top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         _check_int("rollout", "max_new_tokens", self.max_new_tokens, 1)

@@ -207,11 +207,13 @@ def _megatron_worker():
                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
     policy = build_text_policy(hf)
     shape = DecoderShape.from_hf_config(hf, vocab_size=policy.padded_vocab_size)
-    engine = RolloutEngine(policy, vocab_size=250, pad_id=0, stop=StopChecker([]),
-                           params=SamplingParams(max_new_tokens=6))
     prompts = [PromptInput(key=i, prompt_ids=torch.randint(1, 250, (10,)).tolist()) for i in range(3)]
-    gen = counted(lambda: engine.generate(prompts, [0, 0, 0], group_size=1, step=0))
-    results.append({"rollout": (rollout_flops(shape, [10] * 3, [6] * 3), gen)})
+    for decode, prefill_logits in (("reference", "all"), ("static", "last")):
+        engine = RolloutEngine(policy, vocab_size=250, pad_id=0, stop=StopChecker([]), decode=decode,
+                               params=SamplingParams(max_new_tokens=6))
+        gen = counted(lambda: engine.generate(prompts, [0, 0, 0], group_size=1, step=0))  # noqa: B023
+        results.append({f"rollout_{decode}": (rollout_flops(shape, [10] * 3, [6] * 3, prefill_logits=prefill_logits),
+                                               gen)})
     return results
 
 
@@ -223,4 +225,9 @@ def test_megatron_gpt_forward_train_and_cached_decode_match_flop_counter():
     (results,) = run_distributed(_megatron_worker, world_size=1, timeout=180.0)
     for variant in results:
         for what, (model_flops, measured) in variant.items():
+            if what == "rollout_static":
+                # torch's FlopCounterMode does not see the CPU fused SDPA kernel the static path calls for the
+                # prefill, so it counts the matmuls only: a little under the model, never over it
+                assert 0.9 * model_flops <= measured <= model_flops, (what, model_flops, measured)
+                continue
             assert abs(model_flops - measured) <= TOL * measured, (what, model_flops, measured)

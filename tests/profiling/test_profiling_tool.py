@@ -70,7 +70,8 @@ def test_tiny_text_lm_end_to_end(tmp_path):
     shape = DecoderShape(**cfg["decoder"])
     assert shape == DecoderShape(2, 64, 4, 2, 16, 128, 128, gated_mlp=True, tied_embeddings=True)
     assert phases["rollout"]["tokens"] == rows * new
-    assert phases["rollout"]["flops"] == rollout_flops(shape, [prompt] * rows, [new] * rows)
+    assert cfg["rollout_decode"] == "static"  # its prefill computes last-position logits only
+    assert phases["rollout"]["flops"] == rollout_flops(shape, [prompt] * rows, [new] * rows, prefill_logits="last")
     lengths = [prompt + new] * rows
     assert phases["logprob"]["tokens"] == phases["train"]["tokens"] == sum(lengths)
     assert phases["logprob"]["flops"] == logprob_flops(shape, lengths, passes=2)  # policy + reference (beta > 0)
@@ -110,7 +111,8 @@ def test_tiny_qwen2_5_vl_end_to_end(tmp_path):
     vision = VisionShape(**cfg["vision"])
     p = cfg["prompt_tokens"]
     rows, lengths, grids = 4, [p + 4] * 4, [(1, 4, 4)] * 4  # every rollout row carries its prompt's image
-    assert phases["rollout"]["flops"] == rollout_flops(decoder, [p] * rows, [4] * rows, vision=vision, grids=grids)
+    assert phases["rollout"]["flops"] == rollout_flops(decoder, [p] * rows, [4] * rows, vision=vision, grids=grids,
+                                                       prefill_logits="last")
     assert phases["logprob"]["flops"] == logprob_flops(decoder, lengths, vision=vision, grids=grids)  # beta = 0
     assert phases["train"]["flops"] == train_flops(decoder, lengths, vision=vision, grids=grids)
     assert cfg["reference_model"] is False
