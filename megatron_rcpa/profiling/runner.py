@@ -82,7 +82,7 @@ class ProfileSettings:
 def megatron_session(tp: int, pp: int, seed: int, timeout_s: float = 3600.0):
     """torch.distributed + megatron parallel_state for the profile: torchrun's group when launched by it (env
     ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``), else one in-process rank. Tears down what it set up."""
-    from megatron_rcpa.testing.cpu_shim import install_cpu_shim, uninstall_cpu_shim
+    from megatron_rcpa.runtime.cpu_shim import install_cpu_shim, uninstall_cpu_shim
 
     cuda = torch.cuda.is_available()
     shimmed = install_cpu_shim()  # a no-op with CUDA
@@ -154,7 +154,8 @@ def build_policy(cfg, run: PrecisionRun, settings: ProfileSettings, max_seq: int
         if not cfg.model.tiny:
             raise ProfileConfigError("model.family = 'gpt' is profiled only with model.tiny=true (there is no GPT "
                                      "checkpoint format); use model.family=qwen2_5_vl for real models")
-        from megatron_rcpa.testing.models import padded_vocab_size, tiny_gpt_model, tiny_transformer_config
+        from megatron_rcpa.runtime.tiny_gpt import tiny_gpt_model, tiny_transformer_config
+        from megatron_rcpa.runtime.weights import padded_vocab_size
 
         config = tiny_transformer_config(bf16=True, params_dtype=torch.bfloat16, pipeline_dtype=torch.bfloat16,
                                          **overrides)

@@ -29,9 +29,12 @@ class RunConfig:
     resume: str = "auto"  # auto (latest checkpoint in output_dir if any) | never | a checkpoint directory
     progress_bar: bool = True
     kernels: str = "auto"  # triton | torch | auto (Triton kernels on GPU, the plain-torch path on CPU)
+    cpu_threads: Optional[int] = None  # intra-op threads of a CPU-only run; None: OMP_NUM_THREADS, else cores/ranks
 
     def __post_init__(self) -> None:
         o = "run"
+        if self.cpu_threads is not None:
+            _check_int(o, "cpu_threads", self.cpu_threads, 1)
         _check_int(o, "steps", self.steps, 1)
         _check_int(o, "log_interval", self.log_interval, 1)
         _check_int(o, "save_interval", self.save_interval, 0)

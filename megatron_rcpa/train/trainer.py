@@ -41,39 +41,13 @@ LATEST_FILE = "latest"
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def init_parallel(cfg: TrainConfig) -> None:
-    """torch.distributed (torchrun env, or a single process) + megatron parallel state."""
-    import datetime
+def init_parallel(cfg: TrainConfig):
+    """torch.distributed (torchrun env, or a single process) + megatron parallel state + seeds, and on a CPU-only
+    torch the device shim and ``run.cpu_threads``: :func:`megatron_rcpa.runtime.parallel.init_distributed`.
+    Returns this rank's :class:`~megatron_rcpa.runtime.parallel.ParallelGroups`."""
+    from megatron_rcpa.runtime.parallel import init_distributed
 
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    if not torch.cuda.is_available():
-        from megatron_rcpa.testing.cpu_shim import install_cpu_shim
-
-        install_cpu_shim()
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "RANK" not in os.environ:  # plain `python -m megatron_rcpa.train`: one process
-            store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True)
-            torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1,
-                                                 timeout=datetime.timedelta(minutes=30))
-        else:
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    world = torch.distributed.get_world_size()
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp} x {pp}")
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    if not torch.cuda.is_available():
-        from megatron_rcpa.testing.cpu_shim import install_cpu_shim
-
-        install_cpu_shim()  # re-scan megatron modules imported just now
-    torch.manual_seed(cfg.run.seed)
-    model_parallel_cuda_manual_seed(cfg.run.seed)
+    return init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed, cpu_threads=cfg.run.cpu_threads)
 
 
 def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0):
@@ -206,14 +180,12 @@ class Trainer:
 
     def save(self) -> str:
         """Policy (convertible to HF), optimizer, curriculum and data cursor; written aside, then renamed."""
-        from megatron.core import dist_checkpointing
-
         from megatron_rcpa.convert.checkpoint import (
             ASSETS_DIR,
             CheckpointMetadata,
-            _synchronous_writer,
             read_metadata,
             save_checkpoint,
+            save_sharded,
         )
 
         final = self.checkpoint_dir(self.step)
@@ -238,9 +210,7 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(os.path.join(tmp, "optimizer"), exist_ok=True)
         torch.distributed.barrier()
-        with _synchronous_writer():
-            opt_sd = self.optimizer.sharded_state_dict(policy.sharded_state_dict())
-            dist_checkpointing.save(opt_sd, os.path.join(tmp, "optimizer"))
+        save_sharded(self.optimizer.sharded_state_dict(policy.sharded_state_dict()), os.path.join(tmp, "optimizer"))
         if self.rank == 0:
             state = {"step": self.step, "curriculum": self.curriculum.state_dict(),
                      "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()}
