@@ -44,10 +44,15 @@ LATEST_FILE = "latest"
 def init_parallel(cfg: TrainConfig):
     """torch.distributed (torchrun env, or a single process) + megatron parallel state + seeds, and on a CPU-only
     torch the device shim and ``run.cpu_threads``: :func:`megatron_rcpa.runtime.parallel.init_distributed`.
-    Returns this rank's :class:`~megatron_rcpa.runtime.parallel.ParallelGroups`."""
-    from megatron_rcpa.runtime.parallel import init_distributed
+    Returns this rank's :class:`~megatron_rcpa.runtime.parallel.ParallelGroups`.
 
-    return init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.run.seed, cpu_threads=cfg.run.cpu_threads)
+    A layout the caller has already set up (a launcher's workers, as the tests use) is kept as it is, whatever
+    ``parallel.tp``/``parallel.pp`` say; under ``torchrun`` or a plain start the config's layout is built."""
+    from megatron_rcpa.runtime.parallel import ParallelGroups, init_distributed
+
+    current = ParallelGroups.current()
+    tp, pp = (current.tp_size, current.pp_size) if current is not None else (cfg.parallel.tp, cfg.parallel.pp)
+    return init_distributed(tp, pp, cfg.run.seed, cpu_threads=cfg.run.cpu_threads)
 
 
 def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0):
