@@ -19,7 +19,6 @@ Collective API (every rank of the job calls it; megatron ``parallel_state`` init
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
@@ -40,6 +39,7 @@ __all__ = [
     "load_checkpoint",
     "read_metadata",
     "save_checkpoint",
+    "save_sharded",
     "unwrap_model",
 ]
 
@@ -135,38 +135,16 @@ def _megatron_version() -> str:
         return ""
 
 
-@contextlib.contextmanager
-def _synchronous_writer():
-    """Let megatron's synchronous ``dist_checkpointing.save`` run in any process.
+def save_sharded(sharded_state_dict: Any, directory: str) -> None:
+    """Write a megatron sharded state dict (e.g. an optimizer's) to ``directory`` synchronously; collective.
 
-    Its file writer reports through a module-level results queue that it creates as a
-    ``multiprocessing.Manager`` (a helper *process*), and megatron-core 0.16 also forks one writer process per
-    file. Neither is allowed in a daemonic process (e.g. a spawned test/launcher worker). For a synchronous
-    save the queue is only used inside this process, so a plain ``queue.Queue`` stands in for it while we
-    save (an existing queue, e.g. of a trainer's async saves, is left alone), and the daemon flag is lifted
-    for the duration so that 0.16's short-lived writer processes may start (they are joined before return).
+    The public save the trainer uses next to :func:`save_checkpoint`; see
+    :func:`megatron_rcpa.runtime.checkpoint.save_sharded` (it refuses daemonic processes, which megatron's
+    writer cannot run in).
     """
-    import multiprocessing
-    import queue
+    from megatron_rcpa.runtime.checkpoint import save_sharded as _save_sharded
 
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-    except ImportError:  # pragma: no cover - layout of a future megatron-core
-        filesystem_async = None
-    own_queue = filesystem_async is not None and getattr(filesystem_async, "_results_queue", 0) is None
-    if own_queue:
-        filesystem_async._results_queue = queue.Queue()
-    config = multiprocessing.current_process()._config
-    daemon = config.get("daemon", False)
-    if daemon:
-        config["daemon"] = False
-    try:
-        yield
-    finally:
-        if own_queue:
-            filesystem_async._results_queue = None
-        if daemon:
-            config["daemon"] = daemon
+    _save_sharded(sharded_state_dict, directory)
 
 
 def save_checkpoint(model: torch.nn.Module, directory: str, metadata: CheckpointMetadata, *,
@@ -176,8 +154,6 @@ def save_checkpoint(model: torch.nn.Module, directory: str, metadata: Checkpoint
     ``assets_from``: a directory whose tokenizer/processor files are copied into ``hf_assets/``
     (an HF directory, or ``<checkpoint>/hf_assets``). Refuses an existing ``directory`` unless ``overwrite``.
     """
-    from megatron.core import dist_checkpointing
-
     directory = os.path.abspath(directory.rstrip("/"))
     if os.path.exists(directory) and not overwrite:
         raise ConversionError(f"{directory!r} already exists (pass overwrite=True / --overwrite to replace it)")
@@ -188,8 +164,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str, metadata: Checkpoint
         os.makedirs(os.path.join(tmp, MODEL_DIR))
     _barrier()
     policy = unwrap_model(model)
-    with _synchronous_writer():
-        dist_checkpointing.save(policy.sharded_state_dict(), os.path.join(tmp, MODEL_DIR))
+    save_sharded(policy.sharded_state_dict(), os.path.join(tmp, MODEL_DIR))
     _barrier()
     if _rank() == 0:
         from megatron_rcpa.convert.hf_io import copy_assets

@@ -83,7 +83,7 @@ class ProfileSettings:
 def megatron_session(tp: int, pp: int, seed: int, timeout_s: float = 3600.0):
     """torch.distributed + megatron parallel_state for the profile: torchrun's group when launched by it (env
     ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``), else one in-process rank. Tears down what it set up."""
-    from megatron_rcpa.testing.cpu_shim import install_cpu_shim, uninstall_cpu_shim
+    from megatron_rcpa.runtime.cpu_shim import install_cpu_shim, uninstall_cpu_shim
 
     cuda = torch.cuda.is_available()
     shimmed = install_cpu_shim()  # a no-op with CUDA

@@ -1,4 +1,8 @@
-"""Test support: a CPU shim for megatron-core, a multi-process launcher and tiny-model factories.
+"""Test support: running the repository's tools (:mod:`.tools`), plus re-exports of the runtime pieces tests use.
+
+The CPU shim, the multi-process launcher, per-name initialisation and the tiny GPT are runtime code in
+:mod:`megatron_rcpa.runtime` (the trainer, converters and profiler use them); they are re-exported here so that
+tests keep one import. Production modules never import this package.
 
 Importing this package imports torch but not megatron-core; the megatron parts are imported when used.
 """

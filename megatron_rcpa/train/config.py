@@ -41,9 +41,12 @@ class RunConfig:
     val_before_train: bool = False  # validate at step 0 too: the baseline before any update
     val_greedy: bool = True  # greedy decoding for validation (else the rollout temperature / top-p)
     val_generations: int = 16  # generations written to <output_dir>/generations/step_N.jsonl per validation
+    cpu_threads: Optional[int] = None  # intra-op threads of a CPU-only run; None: OMP_NUM_THREADS, else cores/ranks
 
     def __post_init__(self) -> None:
         o = "run"
+        if self.cpu_threads is not None:
+            _check_int(o, "cpu_threads", self.cpu_threads, 1)
         _check_int(o, "steps", self.steps, 1)
         _check_int(o, "log_interval", self.log_interval, 1)
         _check_int(o, "save_interval", self.save_interval, 0)

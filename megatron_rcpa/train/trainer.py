@@ -39,39 +39,18 @@ LATEST_FILE = "latest"
 
 
 # ---------------------------------------------------------------------------------------------- set-up
-def init_parallel(cfg: TrainConfig) -> None:
-    """torch.distributed (torchrun env, or a single process) + megatron parallel state."""
-    import datetime
+def init_parallel(cfg: TrainConfig):
+    """torch.distributed (torchrun env, or a single process) + megatron parallel state + seeds, and on a CPU-only
+    torch the device shim and ``run.cpu_threads``: :func:`megatron_rcpa.runtime.parallel.init_distributed`.
+    Returns this rank's :class:`~megatron_rcpa.runtime.parallel.ParallelGroups`.
 
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+    A layout the caller has already set up (a launcher's workers, as the tests use) is kept as it is, whatever
+    ``parallel.tp``/``parallel.pp`` say; under ``torchrun`` or a plain start the config's layout is built."""
+    from megatron_rcpa.runtime.parallel import ParallelGroups, init_distributed
 
-    if not torch.cuda.is_available():
-        from megatron_rcpa.testing.cpu_shim import install_cpu_shim
-
-        install_cpu_shim()
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if "RANK" not in os.environ:  # plain `python -m megatron_rcpa.train`: one process
-            store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True)
-            torch.distributed.init_process_group(backend, store=store, rank=0, world_size=1,
-                                                 timeout=datetime.timedelta(minutes=30))
-        else:
-            if torch.cuda.is_available():
-                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            torch.distributed.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    world = torch.distributed.get_world_size()
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    if world % (tp * pp):
-        raise ValueError(f"world size {world} is not a multiple of parallel.tp x parallel.pp = {tp} x {pp}")
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    if not torch.cuda.is_available():
-        from megatron_rcpa.testing.cpu_shim import install_cpu_shim
-
-        install_cpu_shim()  # re-scan megatron modules imported just now
-    torch.manual_seed(cfg.run.seed)
-    model_parallel_cuda_manual_seed(cfg.run.seed)
+    current = ParallelGroups.current()
+    tp, pp = (current.tp_size, current.pp_size) if current is not None else (cfg.parallel.tp, cfg.parallel.pp)
+    return init_distributed(tp, pp, cfg.run.seed, cpu_threads=cfg.run.cpu_threads)
 
 
 def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: bool = True, **build_kwargs: Any):
@@ -82,7 +61,7 @@ def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: boo
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
     if cfg.model.tiny:
-        from megatron_rcpa.testing.models import init_global_weights
+        from megatron_rcpa.runtime.weights import init_global_weights, init_replicated_by_name
 
         policy = family_by_name(cfg.model.family).build_policy(hf_config, params_dtype=dtype, **build_kwargs)
         # (megatron's own CPU init is not PP-invariant, and tied embedding copies must start equal)
@@ -92,26 +71,12 @@ def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: boo
             init_global_weights(policy.vision_model, seed=seed + 1)
             init_global_weights(policy.vision_projection, seed=seed + 2)
         elif policy.vision_model is not None:  # the HF tower, replicated
-            _init_by_name(policy.vision_model, seed, policy.config.init_method_std)
+            init_replicated_by_name(policy.vision_model, seed, policy.config.init_method_std)
         return policy
     from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint
 
     policy, _ = build_policy_from_checkpoint(cfg.model.checkpoint, load=load, params_dtype=dtype, **build_kwargs)
     return policy
-
-
-@torch.no_grad()
-def _init_by_name(module: torch.nn.Module, seed: int, std: float) -> None:
-    """Replicated (non-TP) modules such as the HF vision tower: N(0, std) per tensor (norm scales 1 + that),
-    from a generator seeded by (seed, parameter name): identical on every rank and layout."""
-    import zlib
-
-    for name, p in module.named_parameters():
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62))
-        full = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
-        if "norm" in name and name.endswith("weight"):
-            full += 1.0
-        p.copy_(full.to(device=p.device, dtype=p.dtype))
 
 
 def reference_sets(dataset) -> List[List[str]]:
@@ -256,14 +221,12 @@ class Trainer:
 
     def save(self) -> str:
         """Policy (convertible to HF), optimizer, curriculum and data cursor; written aside, then renamed."""
-        from megatron.core import dist_checkpointing
-
         from megatron_rcpa.convert.checkpoint import (
             ASSETS_DIR,
             CheckpointMetadata,
-            _synchronous_writer,
             read_metadata,
             save_checkpoint,
+            save_sharded,
         )
 
         final = self.checkpoint_dir(self.step)
@@ -288,9 +251,7 @@ class Trainer:
         if self.rank == 0:
             os.makedirs(os.path.join(tmp, "optimizer"), exist_ok=True)
         torch.distributed.barrier()
-        with _synchronous_writer():
-            opt_sd = self.optimizer.sharded_state_dict(policy.sharded_state_dict())
-            dist_checkpointing.save(opt_sd, os.path.join(tmp, "optimizer"))
+        save_sharded(self.optimizer.sharded_state_dict(policy.sharded_state_dict()), os.path.join(tmp, "optimizer"))
         if self.rank == 0:
             state = {"step": self.step, "curriculum": self.curriculum.state_dict(),
                      "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()}

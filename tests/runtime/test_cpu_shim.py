@@ -8,8 +8,8 @@ import types
 import pytest
 import torch
 
-from megatron_rcpa.testing import cpu_shim
-from megatron_rcpa.testing.cpu_shim import install_cpu_shim, is_cpu_shim_installed, uninstall_cpu_shim
+from megatron_rcpa.runtime import cpu_shim
+from megatron_rcpa.runtime.cpu_shim import install_cpu_shim, is_cpu_shim_installed, uninstall_cpu_shim
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="the shim is a no-op where CUDA exists")
 

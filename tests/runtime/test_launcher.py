@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from megatron_rcpa.testing import (
+from megatron_rcpa.runtime.launcher import (
     DistributedTimeoutError,
     DistributedWorkerError,
     RankInfo,
