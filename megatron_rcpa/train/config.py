@@ -94,6 +94,7 @@ class DataConfig:
     prompts_per_step: int = 8  # B prompts per step over ALL data-parallel ranks (B / DP each), G rollouts each
     val_path: Optional[str] = None  # held-out data (same format/keys as path) for validation (run.val_interval)
     val_max_samples: int = 0  # validate on the first N held-out samples; 0 = all
+    val_synthetic_size: int = 0  # without data.path and data.val_path: N held-out synthetic samples (another seed)
     shuffle: bool = True
     require_reference: bool = True  # RCPA forces reference prefixes: rows without a text reference are skipped
     max_prompt_tokens: int = 4096  # longer prompts (image tokens included) are skipped and counted
@@ -111,6 +112,7 @@ class DataConfig:
         _check_int("data", "image_size", self.image_size, 28)
         _check_int("data", "prompts_per_step", self.prompts_per_step, 1)
         _check_int("data", "val_max_samples", self.val_max_samples, 0)
+        _check_int("data", "val_synthetic_size", self.val_synthetic_size, 0)
 
     def reader_config(self, **overrides: Any):
         """The :class:`~megatron_rcpa.data.readers.ReaderConfig` these options ask for (``overrides`` are its

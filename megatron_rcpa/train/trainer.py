@@ -91,8 +91,15 @@ def reference_sets(dataset) -> List[List[str]]:
 
 
 def build_val_samples(cfg: TrainConfig) -> List[Any]:
-    """The held-out samples of ``data.val_path`` (the first ``data.val_max_samples``), or [] without one."""
+    """The held-out samples of ``data.val_path`` (the first ``data.val_max_samples``); for a synthetic run
+    ``data.val_synthetic_size`` samples drawn with another seed; else []."""
     if not cfg.data.val_path:
+        if cfg.data.path is None and cfg.data.val_synthetic_size:
+            from megatron_rcpa.data.synthetic import make_synthetic_dataset
+
+            return list(make_synthetic_dataset(cfg.data.synthetic, cfg.data.val_synthetic_size,
+                                               seed=cfg.run.seed + 1_000_003, image_size=cfg.data.image_size,
+                                               reference_style=cfg.data.synthetic_reference))
         return []
     from megatron_rcpa.data.readers import load_samples
 
