@@ -42,9 +42,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from megatron_rcpa.train.guard import NonFiniteUpdateError
     from megatron_rcpa.train.trainer import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except NonFiniteUpdateError as e:  # a training failure with a clear cause: one line, not a traceback
+        print(f"rcpa-train: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -129,6 +129,7 @@ class OptimConfig:
     clip_grad: float = 1.0
     micro_batch_size: int = 8  # rollouts per micro-batch in the train step
     updates_per_step: int = 1  # optimizer steps per batch of rollouts (mini-batches)
+    max_skipped_updates: int = 5  # stop after this many consecutive updates skipped for a non-finite grad norm
 
     def __post_init__(self) -> None:
         _check_real("optim", "lr", self.lr, lo=0.0)
@@ -137,6 +138,7 @@ class OptimConfig:
         _check_real("optim", "clip_grad", self.clip_grad, lo=0.0)
         _check_int("optim", "micro_batch_size", self.micro_batch_size, 1)
         _check_int("optim", "updates_per_step", self.updates_per_step, 1)
+        _check_int("optim", "max_skipped_updates", self.max_skipped_updates, 1)
 
 
 @dataclass
