@@ -15,7 +15,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from megatron_rcpa.algo.config import RCPAConfig, _check_choice, _check_int, _check_real, from_dict
+from megatron_rcpa.algo.config import RCPAConfig, _check_choice, _check_int, _check_real, _fail, from_dict
+from megatron_rcpa.train.stop import check_signal_names
 
 
 @dataclass
@@ -29,6 +30,11 @@ class RunConfig:
     resume: str = "auto"  # auto (latest checkpoint in output_dir if any) | never | a checkpoint directory
     progress_bar: bool = True
     kernels: str = "auto"  # triton | torch | auto (Triton kernels on GPU, the plain-torch path on CPU)
+    # stop early without losing progress (train/stop.py): finish the step, save, exit 0
+    save_signals: List[str] = field(default_factory=lambda: ["USR1", "TERM"])  # [] = leave signals alone
+    stop_file: str = "SAVE_AND_EXIT"  # relative to output_dir unless absolute; "" = off; removed after the save
+    save_by_seconds: Optional[float] = None  # wall-clock budget from process start: save and stop before it ends
+    keep_last: int = 0  # keep the N newest complete checkpoints; 0 = all
 
     def __post_init__(self) -> None:
         o = "run"
@@ -36,7 +42,21 @@ class RunConfig:
         _check_int(o, "log_interval", self.log_interval, 1)
         _check_int(o, "save_interval", self.save_interval, 0)
         _check_int(o, "seed", self.seed, 0)
+        _check_int(o, "keep_last", self.keep_last, 0)
         _check_choice(o, "kernels", self.kernels, ("auto", "triton", "torch"))
+        if not isinstance(self.save_signals, list) or not all(isinstance(s, str) for s in self.save_signals):
+            _fail(o, "save_signals", self.save_signals, "a list of signal names such as [USR1, TERM]")
+        check_signal_names(self.save_signals)
+        if not isinstance(self.stop_file, str):
+            _fail(o, "stop_file", self.stop_file, "a file path, or \"\" for none")
+        if self.save_by_seconds is not None:
+            _check_real(o, "save_by_seconds", self.save_by_seconds, lo=0.0, lo_open=True)
+
+    def stop_file_path(self) -> Optional[str]:
+        """The stop-request file (absolute, or under output_dir), None when off."""
+        if not self.stop_file:
+            return None
+        return self.stop_file if os.path.isabs(self.stop_file) else os.path.join(self.output_dir, self.stop_file)
 
 
 @dataclass

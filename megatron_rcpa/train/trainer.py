@@ -35,6 +35,7 @@ from megatron_rcpa.train.config import TrainConfig
 from megatron_rcpa.train.families import adapter_for, build_tokenizer_and_config
 from megatron_rcpa.train.metrics_log import MetricsLogger
 from megatron_rcpa.train.step import StepConfig, compute_logprobs, split_micro_batches, train_step
+from megatron_rcpa.train.stop import STOP_LINE, StopRequests
 
 STATE_FILE = "trainer_state.json"
 LATEST_FILE = "latest"
@@ -369,23 +370,48 @@ class Trainer:
         return metrics
 
     def fit(self) -> List[Dict[str, float]]:
+        """Train from the resumed step to ``run.steps``, saving every ``save_interval`` steps and at the end.
+        A stop request (signal, stop file, time budget: train/stop.py) ends the loop after the current step
+        with a save; the process then exits 0 before ``run.steps``."""
         cfg = self.cfg
         resume = self.resume_dir()
         if resume is not None:
             self.load(resume)
             self.logger.info(f"resumed from {resume} at step {self.step}")
-        history = []
+        history: List[Dict[str, float]] = []
+        saved_step = self.step if resume is not None else None
+        stop = StopRequests(cfg.run.save_signals, cfg.run.stop_file_path(), cfg.run.save_by_seconds).install()
+        device = next(self.model.parameters()).device
         self.logger.start(self.step)
-        while self.step < cfg.run.steps:
-            m = self.train_one_step()
-            history.append(m)
-            self.logger.log(self.step, m)
-            if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < cfg.run.steps:
-                self.save()
-        if self.step == cfg.run.steps and (resume is None or history):
-            self.save()
-        self.logger.close()
+        try:
+            while self.step < cfg.run.steps:
+                t0 = time.perf_counter()
+                m = self.train_one_step()
+                stop.record_step_time(time.perf_counter() - t0)
+                history.append(m)
+                self.logger.log(self.step, m)
+                if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < cfg.run.steps:
+                    saved_step = self._timed_save(stop)
+                reason = stop.check(device)
+                if reason is not None and self.step < cfg.run.steps:
+                    if saved_step != self.step:
+                        saved_step = self._timed_save(stop)
+                    stop.clear_stop_file()
+                    self.logger.info(STOP_LINE.format(reason=reason, step=self.step))
+                    break
+            if self.step == cfg.run.steps and saved_step != self.step:
+                self._timed_save(stop)
+                stop.clear_stop_file()  # a request that came with the last step is served by the final save
+        finally:
+            stop.uninstall()
+            self.logger.close()
         return history
+
+    def _timed_save(self, stop: StopRequests) -> int:
+        t0 = time.perf_counter()
+        self.save()
+        stop.record_save_time(time.perf_counter() - t0)
+        return self.step
 
 
 def run(cfg: TrainConfig) -> List[Dict[str, float]]:
