@@ -67,7 +67,7 @@ CONFIG=$(abspath "${CONFIG:-examples/configs/qwen2_5_vl_72b.yaml}")
 CHECKPOINT=${CHECKPOINT-/checkpoints/qwen2_5_vl_72b_megatron}  # tools/convert_hf_to_megatron.py output; empty: none
 DATA=${DATA-/data/geo170k/train.jsonl}                         # empty: the config's data (e.g. synthetic)
 OUTPUT_DIR=$(abspath "${OUTPUT_DIR:-/runs/rcpa_qwen2_5_vl_72b}")
-STOP_FILE=$OUTPUT_DIR/SAVE_AND_EXIT                            # the trainer's default run.stop_file
+STOP_FILE=$OUTPUT_DIR/SAVE_AND_EXIT                            # the trainer's run.stop_file (USR1 trap)
 CONTAINER_IMAGE=${CONTAINER_IMAGE:-}   # e.g. /images/megatron_rcpa.sqsh from the Dockerfile (pyxis); empty: host
 CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-/checkpoints:/checkpoints,/data:/data,/runs:/runs,$REPO_DIR:$REPO_DIR}
 TP=${TP:-8}
@@ -109,7 +109,7 @@ TORCHRUN=(torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE"
   -m megatron_rcpa.train --config "$CONFIG")
 [[ -n "$CHECKPOINT" ]] && TORCHRUN+=(model.checkpoint="$CHECKPOINT")
 [[ -n "$DATA" ]] && TORCHRUN+=(data.path="$DATA")
-TORCHRUN+=(run.output_dir="$OUTPUT_DIR" run.resume=auto
+TORCHRUN+=(run.output_dir="$OUTPUT_DIR" run.resume=auto run.stop_file="$STOP_FILE"
   parallel.tp="$TP" parallel.pp="$PP" parallel.distributed_optimizer=true model.dtype=bf16)
 # shellcheck disable=SC2206
 TORCHRUN+=($EXTRA_ARGS "$@")   # later overrides win

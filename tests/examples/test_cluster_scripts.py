@@ -39,6 +39,9 @@ def test_dry_run_prints_the_torchrun_command(script, nnodes, tp, pp):
     config = argv[argv.index("--config") + 1]
     cfg = load_config(config, overrides)  # every override the script passes is a valid option
     assert cfg.parallel.tp == int(tp) and cfg.run.steps == 3 and cfg.model.dtype == "bf16"
+    # the file the script's USR1 trap creates is the one the trainer watches
+    assert cfg.run.stop_file_path() == os.path.join(cfg.run.output_dir, "SAVE_AND_EXIT")
+    assert os.path.isabs(cfg.run.stop_file_path())
 
 
 def test_dockerfile_installs_the_package_on_an_ngc_image():
