@@ -245,17 +245,19 @@ def test_rcpa_7b_script_saves_on_usr1_requeues_and_resumes(cluster):
     assert state() == "RUNNING", f"job {job_id} ended before the signal: {state()}\n{log_text()}"
     cluster.run("scancel", "--signal=USR1", "--batch", job_id)
 
-    # 2. The trainer saves and exits, the script requeues: the job comes back (held for the credential
-    # lifetime after a requeue; release it at once) and runs again.
+    # 2. The trainer saves and exits, the script requeues: the job comes back and runs again. A requeued job
+    # waits out the credential lifetime (BeginTime, cred_expire=5 s here): starting it earlier (`scontrol
+    # update StartTime=now`) gets it killed as "non-startable: Job credential revoked", so it is only
+    # released if it is really held.
     until(lambda: cluster.job(job_id).get("Restarts", "0") != "0" and state() in ("PENDING", "RUNNING"), 60,
           "the requeue")
-    if state() == "PENDING":
-        cluster.run("scontrol", "update", f"jobid={job_id}", "StartTime=now")
+    if cluster.job(job_id).get("Reason", "").startswith("JobHeld"):
+        cluster.run("scontrol", "release", job_id)
     until(lambda: state() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), 120, "the rerun to end")
     info = cluster.job(job_id)
     text = log_text()
     print(f"job {job_id}: {phases}")
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}"
+    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", f"{info}\n{text}\n{cluster.logs()}"
     assert info["Restarts"] == "1", f"requeued {info['Restarts']} times: a finished run must not requeue\n{text}"
 
     # 3. The log kept both runs (--open-mode=append), and the rerun resumed from the step the first one saved.
