@@ -42,6 +42,13 @@ def test_dry_run_prints_the_torchrun_command(script, nnodes, tp, pp):
     # the file the script's USR1 trap creates is the one the trainer watches
     assert cfg.run.stop_file_path() == os.path.join(cfg.run.output_dir, "SAVE_AND_EXIT")
     assert os.path.isabs(cfg.run.stop_file_path())
+    # data.prompts_per_step is global: the script's layout must split it into whole groups per DP rank
+    world = int(nnodes) * int(argv[argv.index("--nproc_per_node") + 1])
+    dp = world // (int(tp) * int(pp))
+    assert world % (int(tp) * int(pp)) == 0 and cfg.data.prompts_per_step % dp == 0, (world, dp)
+    rollouts_per_rank = cfg.data.prompts_per_step // dp * cfg.rcpa.group_size
+    assert rollouts_per_rank % cfg.optim.micro_batch_size == 0, rollouts_per_rank
+    assert f"layout: {nnodes} nodes x 8 = {world} ranks = TP {tp} x PP {pp} x DP {dp}" in r.stderr
 
 
 def test_dockerfile_installs_the_package_on_an_ngc_image():
