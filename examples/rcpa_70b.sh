@@ -137,7 +137,7 @@ NODE_LAUNCH=(bash -c 'export TRITON_CACHE_DIR="$TRITON_CACHE_ROOT/${SLURMD_NODEN
 
 mkdir -p "$OUTPUT_DIR"
 rm -f "$STOP_FILE"   # left by the run before a requeue; it would stop this one at once
-echo "job $JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $(hostname): output $OUTPUT_DIR"
+echo "job $JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $HOSTNAME: output $OUTPUT_DIR"
 stop_requested=0
 interrupted=0
 on_usr1() {

@@ -1,5 +1,10 @@
-"""The Slurm scripts parse, their dry-run prints the torchrun command they would launch, the configs they
-point to load, and the Dockerfile installs this package on top of the image's torch."""
+"""The Slurm scripts parse, their dry-run prints the torchrun command they would launch (from a spool copy too,
+finding the repo through SLURM_SUBMIT_DIR), the configs they point to load and split their global batch over the
+layout, and the Dockerfile installs this package (and the tested megatron-core) on top of the image's torch.
+With srun/scontrol stand-ins on PATH: what the batch script launches (container flags only with CONTAINER_IMAGE,
+--cpus-per-task, a per-node Triton cache), and that its USR1 trap creates the trainer's stop file, waits for the
+step to end and only then requeues, while a run that ends by itself is not requeued. The same script under a real
+Slurm: test_slurm.py."""
 
 import os
 import re
