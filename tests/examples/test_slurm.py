@@ -249,11 +249,12 @@ def test_rcpa_7b_script_saves_on_usr1_requeues_and_resumes(cluster):
     # waits out the credential lifetime (BeginTime, cred_expire=5 s here): starting it earlier (`scontrol
     # update StartTime=now`) gets it killed as "non-startable: Job credential revoked", so it is only
     # released if it is really held.
-    until(lambda: cluster.job(job_id).get("Restarts", "0") != "0" and state() in ("PENDING", "RUNNING"), 60,
-          "the requeue")
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+    until(lambda: cluster.job(job_id).get("Restarts", "0") != "0" and state() in ("PENDING", "RUNNING") + ended,
+          60, "the requeue")
     if cluster.job(job_id).get("Reason", "").startswith("JobHeld"):
         cluster.run("scontrol", "release", job_id)
-    until(lambda: state() in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"), 120, "the rerun to end")
+    until(lambda: state() in ended, 120, "the rerun to end")
     info = cluster.job(job_id)
     text = log_text()
     print(f"job {job_id}: {phases}")
