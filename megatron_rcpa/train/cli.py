@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from megatron_rcpa.train.config import describe_options, load_config
+from megatron_rcpa.train.config import check_runnable, describe_options, load_config
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
+        if not args.print_config:
+            check_runnable(cfg)  # the reward, the layout against WORLD_SIZE, images for a text family
     except (ValueError, FileNotFoundError) as e:
         print(f"rcpa-train: error: {e}", file=sys.stderr)
         return 2
@@ -42,9 +44,14 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    from megatron_rcpa.train.guard import NonFiniteUpdateError
     from megatron_rcpa.train.trainer import run
 
-    run(cfg)
+    try:
+        run(cfg)
+    except NonFiniteUpdateError as e:  # a training failure with a clear cause: one line, not a traceback
+        print(f"rcpa-train: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

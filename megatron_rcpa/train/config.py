@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -51,6 +52,9 @@ class RunConfig:
             _fail(o, "stop_file", self.stop_file, "a file path, or \"\" for none")
         if self.save_by_seconds is not None:
             _check_real(o, "save_by_seconds", self.save_by_seconds, lo=0.0, lo_open=True)
+        if not isinstance(self.resume, str) or (self.resume not in ("auto", "never") and not os.path.isdir(
+                self.resume)):
+            _fail(o, "resume", self.resume, "auto, never, or an existing checkpoint directory")
 
     def stop_file_path(self) -> Optional[str]:
         """The stop-request file (absolute, or under output_dir), None when off."""
@@ -70,6 +74,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         _check_choice("model", "family", self.family, ("qwen2_5_vl", "llava", "llama", "qwen2", "gpt"))
         _check_choice("model", "dtype", self.dtype, ("fp32", "bf16"))
+        if self.tiny and self.checkpoint:
+            raise ValueError(f"model.tiny = true and model.checkpoint = {self.checkpoint!r} exclude each other: "
+                             "set model.tiny=false to train the checkpoint, or drop model.checkpoint for the tiny "
+                             "random model")
 
 
 @dataclass
@@ -129,6 +137,7 @@ class OptimConfig:
     clip_grad: float = 1.0
     micro_batch_size: int = 8  # rollouts per micro-batch in the train step
     updates_per_step: int = 1  # optimizer steps per batch of rollouts (mini-batches)
+    max_skipped_updates: int = 5  # stop after this many consecutive updates skipped for a non-finite grad norm
 
     def __post_init__(self) -> None:
         _check_real("optim", "lr", self.lr, lo=0.0)
@@ -137,12 +146,19 @@ class OptimConfig:
         _check_real("optim", "clip_grad", self.clip_grad, lo=0.0)
         _check_int("optim", "micro_batch_size", self.micro_batch_size, 1)
         _check_int("optim", "updates_per_step", self.updates_per_step, 1)
+        _check_int("optim", "max_skipped_updates", self.max_skipped_updates, 1)
 
 
 @dataclass
 class RewardConfig:
     name: str = "math_answer"  # a registered reward or an import path "pkg.module:function"
     kwargs: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            _fail("reward", "name", self.name, "a registered reward name or an import path 'pkg.module:function'")
+        if not isinstance(self.kwargs, dict):
+            _fail("reward", "kwargs", self.kwargs, "a mapping of keyword arguments, e.g. {preset: boxed}")
 
 
 @dataclass
@@ -168,6 +184,22 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader (YAML 1.1) reading numbers as YAML 1.2 does: ``1e-6`` and ``1e30`` are floats (1.1
+    wants a dot, ``1.0e-6``, and reads ``1e-6`` as a string)."""
+
+
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$"),
+    list("-+.0123456789"))
+
+
+def yaml_load(text):
+    """YAML (a string or an open file) with YAML 1.2 numbers."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree
@@ -180,7 +212,8 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict:
-    """``["run.steps=10", "rcpa.loss.beta=0.01"]`` -> a nested dict; values are parsed as YAML scalars."""
+    """``["run.steps=10", "rcpa.loss.beta=0.01"]`` -> a nested dict; values are parsed as YAML scalars, numbers
+    as YAML 1.2 reads them (``optim.lr=1e-6`` is a float)."""
     tree: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -188,7 +221,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
         key, raw = item.split("=", 1)
         if not key or any(not part for part in key.split(".")):
             raise ValueError(f"override {item!r}: bad key {key!r}")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw != "" else "")
+        _set_dotted(tree, key.strip(), yaml_load(raw) if raw != "" else "")
     return tree
 
 
@@ -207,7 +240,7 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
             raise FileNotFoundError(f"config file {path!r} does not exist")
         try:
             with open(path, encoding="utf-8") as f:
-                tree = yaml.safe_load(f) or {}
+                tree = yaml_load(f) or {}
         except yaml.YAMLError as e:
             raise ValueError(f"config file {path!r} is not valid YAML: {e}") from e
         if not isinstance(tree, dict):
@@ -218,6 +251,91 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Tr
         return from_dict(TrainConfig, tree, where)
     except TypeError as e:  # a section given a scalar, e.g. run=3
         raise ValueError(f"{where}: {e}") from e
+
+
+TEXT_FAMILIES = ("llama", "qwen2")
+
+
+def check_runnable(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
+    """What can be checked before any model is built (``rcpa-train`` calls it, exit 2 on a ValueError):
+    the reward resolves with its kwargs, ``parallel.tp x parallel.pp`` divides the world size (``WORLD_SIZE``
+    from torchrun, else 1), and a text family gets no image data."""
+    from megatron_rcpa.rewards import get_reward
+
+    try:
+        get_reward(cfg.reward.name, **cfg.reward.kwargs)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"reward.name = {cfg.reward.name!r} with reward.kwargs = {cfg.reward.kwargs!r}: {e}") from e
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    if world_size % (tp * pp):
+        raise ValueError(f"parallel.tp x parallel.pp = {tp} x {pp} = {tp * pp} does not divide the world size "
+                         f"{world_size} (WORLD_SIZE; launch with torchrun --nproc_per_node {tp * pp} or a multiple)")
+    if cfg.model.family in TEXT_FAMILIES:
+        try:
+            where = _image_data(cfg.data)
+        except OSError as e:  # the data reader's DataFileError: missing / unreadable file
+            raise ValueError(f"data.path = {cfg.data.path!r}: {e}") from e
+        if where:
+            raise ValueError(f"model.family = {cfg.model.family!r} is a text model but {where}: use a VLM family "
+                             "(qwen2_5_vl, llava) or text-only data")
+
+
+def _image_data(data: DataConfig) -> Optional[str]:
+    """Where the configured data holds images (None if it holds none): the synthetic domains always do; a data
+    file does when a row has a non-null image field (JSONL: every row is checked; parquet / a datasets dir:
+    the image column's null count)."""
+    if data.path is None:
+        return f"the synthetic data (data.synthetic = {data.synthetic!r}, no data.path) has images"
+    from megatron_rcpa.data.readers import detect_format, hf_disk_files
+
+    fields = [data.image_key] if data.image_key else ["images", "image"]
+    fmt = detect_format(data.path)
+    if fmt == "jsonl":
+        import json
+
+        with open(data.path, "rb") as f:
+            head = f.read(1)
+            f.seek(0)
+            rows = json.load(f) if head.strip() == b"[" else (
+                json.loads(line) for line in f if line.strip() and _json_ok(line))
+            for n, row in enumerate(rows, 1):
+                if isinstance(row, dict) and any(row.get(k) not in (None, [], "") for k in fields):
+                    return f"{data.path} row {n} has images"
+        return None
+    import pyarrow.parquet as pq
+
+    files = [data.path] if fmt == "parquet" else hf_disk_files(data.path)
+    for f in files:
+        if fmt == "parquet":
+            table = pq.ParquetFile(str(f)).schema_arrow
+            present = [k for k in fields if k in table.names]
+            counts = [(k, pq.read_table(str(f), columns=[k]).column(k)) for k in present]
+        else:
+            import pyarrow as pa
+
+            with pa.memory_map(str(f)) as src:
+                try:
+                    tbl = pa.ipc.open_stream(src).read_all()
+                except pa.ArrowInvalid:
+                    src.seek(0)
+                    tbl = pa.ipc.open_file(src).read_all()
+            counts = [(k, tbl.column(k)) for k in fields if k in tbl.column_names]
+        for k, column in counts:
+            if column.null_count < len(column):
+                return f"{f} has an image column {k!r}"
+    return None
+
+
+def _json_ok(line: bytes) -> bool:
+    import json
+
+    try:
+        json.loads(line)
+    except ValueError:
+        return False  # a malformed row: the reader skips and counts it
+    return True
 
 
 def describe_options() -> str:
@@ -240,4 +358,5 @@ def describe_options() -> str:
 
 
 __all__ = ["TrainConfig", "RunConfig", "ModelConfig", "ParallelConfig", "DataConfig", "RolloutConfig",
-           "OptimConfig", "RewardConfig", "LoggingConfig", "load_config", "parse_overrides", "describe_options"]
+           "OptimConfig", "RewardConfig", "LoggingConfig", "load_config", "check_runnable", "parse_overrides",
+           "describe_options"]

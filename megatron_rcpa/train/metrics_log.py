@@ -39,7 +39,7 @@ class MetricsLogger:
             return
         out = cfg.run.output_dir
         os.makedirs(out, exist_ok=True)
-        self._jsonl = open(os.path.join(out, "metrics.jsonl"), "a", encoding="utf-8")
+        self._path = os.path.join(out, "metrics.jsonl")
         with open(os.path.join(out, "config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg.to_dict(), f, indent=2)
         if cfg.logging.tensorboard:
@@ -66,7 +66,17 @@ class MetricsLogger:
             print(text, flush=True)
 
     def start(self, step: int) -> None:
-        if self.enabled and self.cfg.run.progress_bar:
+        """Open metrics.jsonl for appending after ``step`` (the step the run starts or resumes from): rows of
+        later steps (written before a kill, after the checkpoint being resumed) and a torn last line are
+        dropped first, so every step appears once."""
+        if not self.enabled:
+            return
+        dropped = truncate_metrics(self._path, step)
+        if dropped:
+            self._write(f"metrics.jsonl: dropped {dropped} row(s) after step {step} (not in the checkpoint "
+                        "resumed from) or torn by a kill")
+        self._jsonl = open(self._path, "a", encoding="utf-8")
+        if self.cfg.run.progress_bar:
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, initial=step, desc=self.cfg.run.name, unit="step",
@@ -75,6 +85,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
             return
+        if self._jsonl is None:
+            raise RuntimeError("MetricsLogger.log before start(): start(step) opens metrics.jsonl")
         record = {"step": step, **{k: v for k, v in metrics.items()}}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
@@ -103,20 +115,61 @@ class MetricsLogger:
             self._wandb.finish()
 
 
+def _parse_lines(path: str):
+    """``(line_number, record or None, raw)`` per non-empty line; None for a line that is not a JSON object."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            raw = line.strip()
+            if not raw:
+                continue
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                rec = None
+            yield n, (rec if isinstance(rec, dict) and "step" in rec else None), line
+
+
+def truncate_metrics(path: str, step: int) -> int:
+    """Keep the rows of ``path`` with ``step <= step`` (and drop a torn last line); returns how many rows went.
+    The file is rewritten atomically (a temp file renamed over it)."""
+    if not os.path.isfile(path):
+        return 0
+    rows = list(_parse_lines(path))
+    keep, dropped = [], 0
+    for i, (n, rec, line) in enumerate(rows):
+        if rec is None:
+            if i != len(rows) - 1:
+                raise ValueError(f"{path}:{n}: not a JSON metrics row (only a torn last line is dropped)")
+            dropped += 1
+        elif rec["step"] <= step:
+            keep.append(line if line.endswith("\n") else line + "\n")
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.writelines(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return dropped
+
+
 def read_metrics(run_dir: str, path: Optional[str] = None):
-    """The records of ``<run_dir>/metrics.jsonl``; a resumed run's repeated steps keep the last record."""
+    """The records of ``<run_dir>/metrics.jsonl``; a resumed run's repeated steps keep the last record. A torn
+    last line (a run killed while writing it) is skipped with a warning on stderr; a bad line elsewhere is an
+    error naming it."""
     path = path or os.path.join(run_dir, "metrics.jsonl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path!r} not found: is {run_dir!r} an rcpa-train output_dir?")
     by_step = {}
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            line = line.strip()
-            if not line:
+    rows = list(_parse_lines(path))
+    for i, (n, rec, line) in enumerate(rows):
+        if rec is None:
+            if i == len(rows) - 1:
+                print(f"warning: {path}:{n}: skipped a torn last line ({line.strip()[:60]!r}...): the run was "
+                      "killed while writing it", file=sys.stderr)
                 continue
-            try:
-                rec = json.loads(line)
-            except ValueError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from e
-            by_step[rec["step"]] = rec
+            raise ValueError(f"{path}:{n}: not a JSON metrics row: {line.strip()[:80]!r}")
+        by_step[rec["step"]] = rec
     return [by_step[k] for k in sorted(by_step)]

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import statistics
 import time
 from typing import Any, Dict, List, Optional
@@ -31,14 +30,16 @@ from megatron_rcpa.algo.curriculum import PRE_ALIGNMENT, Curriculum
 from megatron_rcpa.rollout.batch import pack_rollouts
 from megatron_rcpa.rollout.engine import RolloutEngine, SamplingParams
 from megatron_rcpa.rollout.sampling import StopChecker
+from megatron_rcpa.train import checkpointing as ckpt
 from megatron_rcpa.train.config import TrainConfig
 from megatron_rcpa.train.families import adapter_for, build_tokenizer_and_config
+from megatron_rcpa.train.guard import NonFiniteGuard, NonFiniteUpdateError
 from megatron_rcpa.train.metrics_log import MetricsLogger
 from megatron_rcpa.train.step import StepConfig, compute_logprobs, split_micro_batches, train_step
 from megatron_rcpa.train.stop import STOP_LINE, StopRequests
 
-STATE_FILE = "trainer_state.json"
-LATEST_FILE = "latest"
+STATE_FILE = ckpt.STATE_FILE
+LATEST_FILE = ckpt.LATEST_FILE
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -175,6 +176,7 @@ class Trainer:
             adam_beta1=cfg.optim.adam_beta1, adam_beta2=cfg.optim.adam_beta2, clip_grad=cfg.optim.clip_grad,
             bf16=cfg.model.dtype == "bf16", params_dtype=policy.config.params_dtype,
             use_distributed_optimizer=cfg.parallel.distributed_optimizer), [self.model])
+        self.optimizer = NonFiniteGuard(self.optimizer)  # a non-finite grad norm skips the update (train/guard.py)
         policy.config.finalize_model_grads_func = finalize_model_grads
         self.reference = None
         if cfg.rcpa.loss.beta > 0:  # frozen reference: model.reference_checkpoint, else the initial policy
@@ -203,10 +205,11 @@ class Trainer:
 
     # -------------------------------------------------------------------------------------- checkpoint
     def checkpoint_dir(self, step: int) -> str:
-        return os.path.join(self.cfg.run.output_dir, "checkpoints", f"step_{step:07d}")
+        return ckpt.checkpoint_dir(self.cfg.run.output_dir, step)
 
     def save(self) -> str:
-        """Policy (convertible to HF), optimizer, curriculum and data cursor; written aside, then renamed."""
+        """Policy (convertible to HF), optimizer, curriculum and data cursor; written aside, fsynced, then
+        renamed into place (train/checkpointing.py). Refuses to write non-finite weights."""
         from megatron.core import dist_checkpointing
 
         from megatron_rcpa.convert.checkpoint import (
@@ -217,10 +220,14 @@ class Trainer:
             save_checkpoint,
         )
 
+        out = self.cfg.run.output_dir
         final = self.checkpoint_dir(self.step)
-        tmp = final + ".incomplete"
-        if self.rank == 0 and os.path.exists(tmp):
-            shutil.rmtree(tmp)
+        tmp = final + ckpt.INCOMPLETE_SUFFIX
+        self._check_finite_weights()
+        if self.rank == 0:
+            os.makedirs(ckpt.checkpoints_root(out), exist_ok=True)
+            for path in ckpt.remove_leftovers(out):
+                self.logger.info(f"removed {path} (left by an interrupted save)")
         torch.distributed.barrier()
         policy = self.model.module
         meta = CheckpointMetadata(family=self.cfg.model.family, hf_config=self.hf_config.to_dict(),
@@ -240,51 +247,75 @@ class Trainer:
             os.makedirs(os.path.join(tmp, "optimizer"), exist_ok=True)
         torch.distributed.barrier()
         with _synchronous_writer():
-            opt_sd = self.optimizer.sharded_state_dict(policy.sharded_state_dict())
+            opt_sd = ckpt.optimizer_sharded_state_dict(self.optimizer, policy.sharded_state_dict())
             dist_checkpointing.save(opt_sd, os.path.join(tmp, "optimizer"))
+        ckpt.fsync_tree(tmp)  # every rank: the files it wrote reach the disk before the rename
+        torch.distributed.barrier()
         if self.rank == 0:
             state = {"step": self.step, "curriculum": self.curriculum.state_dict(),
-                     "sampler": self.sampler.state_dict(), "config": self.cfg.to_dict()}
-            with open(os.path.join(tmp, STATE_FILE), "w") as f:
-                json.dump(state, f)
-            if os.path.exists(final):
-                shutil.rmtree(final)
-            os.rename(tmp, final)
-            with open(os.path.join(self.cfg.run.output_dir, LATEST_FILE + ".tmp"), "w") as f:
-                f.write(os.path.basename(final))
-            os.replace(os.path.join(self.cfg.run.output_dir, LATEST_FILE + ".tmp"),
-                       os.path.join(self.cfg.run.output_dir, LATEST_FILE))
+                     "sampler": self.sampler.state_dict(), "skipped_updates": self.optimizer.skipped_total,
+                     "layout": self._layout(), "config": self.cfg.to_dict()}
+            ckpt.write_file_durably(os.path.join(tmp, ckpt.STATE_FILE), json.dumps(state))
+            ckpt.publish(tmp, final, out)
+            for path in ckpt.prune(out, self.cfg.run.keep_last, protect=final):
+                self.logger.info(f"removed {path} (run.keep_last={self.cfg.run.keep_last})")
         torch.distributed.barrier()
         return final
 
+    def _layout(self) -> Dict[str, Any]:
+        p = self.cfg.parallel
+        return {"tp": p.tp, "pp": p.pp, "dp": self.dp_size, "distributed_optimizer": p.distributed_optimizer,
+                "optimizer_format": ckpt.DISTRIB_OPTIM_FORMAT if p.distributed_optimizer else "plain"}
+
+    def _check_finite_weights(self) -> None:
+        """Every rank checks its shard; all agree (MAX over the world) before anything is written."""
+        bad = [n for n, p in self.model.module.named_parameters() if not bool(torch.isfinite(p).all())]
+        flag = torch.tensor([float(bool(bad))], device=next(self.model.parameters()).device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            where = f"rank {self.rank}: {', '.join(bad[:3])}" if bad else "another rank"
+            raise NonFiniteUpdateError(f"refusing to save step {self.step}: the weights hold NaN/inf ({where}); "
+                                       "the newest complete checkpoint is left as it was")
+
     def resume_dir(self) -> Optional[str]:
+        """``run.resume``: never -> None; a directory -> it; auto -> the newest complete checkpoint under
+        output_dir/checkpoints (not only what ``latest`` says), or None when there is none."""
         r = self.cfg.run.resume
         if r == "never":
             return None
         if r != "auto":
             return r
-        latest = os.path.join(self.cfg.run.output_dir, LATEST_FILE)
-        if not os.path.isfile(latest):
-            return None
-        with open(latest) as f:
-            return os.path.join(self.cfg.run.output_dir, "checkpoints", f.read().strip())
+        found, note = ckpt.find_resume_checkpoint(self.cfg.run.output_dir)
+        if note:
+            self.logger.info(note)
+        return found
 
     def load(self, directory: str) -> None:
         from megatron.core import dist_checkpointing
 
         from megatron_rcpa.convert.checkpoint import load_checkpoint
 
-        state_path = os.path.join(directory, STATE_FILE)
-        if not os.path.isfile(state_path):
-            raise FileNotFoundError(f"{directory!r} is not a complete trainer checkpoint ({STATE_FILE} missing)")
+        state = ckpt.read_state(directory)
+        if state is None or not ckpt.is_complete(directory):
+            raise FileNotFoundError(f"{directory!r} is not a complete trainer checkpoint (expected policy/, "
+                                    f"optimizer/ and a readable {ckpt.STATE_FILE})")
+        saved, now = state.get("layout"), self._layout()
+        if saved is not None:
+            if saved["distributed_optimizer"] != now["distributed_optimizer"]:
+                raise ValueError(f"{directory}: saved with parallel.distributed_optimizer="
+                                 f"{str(saved['distributed_optimizer']).lower()}; resume with the same setting")
+            if now["distributed_optimizer"] and (saved["tp"], saved["pp"]) != (now["tp"], now["pp"]):
+                raise ValueError(f"{directory}: its distributed-optimizer state ({saved['optimizer_format']}) "
+                                 f"reshards over data parallel only; it was saved at parallel.tp={saved['tp']} "
+                                 f"parallel.pp={saved['pp']}, resume with those")
         policy = self.model.module
         load_checkpoint(policy, os.path.join(directory, "policy"))
-        opt_sd = self.optimizer.sharded_state_dict(policy.sharded_state_dict(), is_loading=True)
+        opt_sd = ckpt.optimizer_sharded_state_dict(self.optimizer, policy.sharded_state_dict(), is_loading=True)
         loaded = dist_checkpointing.load(opt_sd, os.path.join(directory, "optimizer"))
-        self.optimizer.load_state_dict(loaded[0] if isinstance(loaded, tuple) else loaded)
-        with open(state_path) as f:
-            state = json.load(f)
+        with torch.no_grad():  # the distributed optimizer copies into views of the (fp32) parameters
+            self.optimizer.load_state_dict(loaded[0] if isinstance(loaded, tuple) else loaded)
         self.step = int(state["step"])
+        self.optimizer.skipped_total = int(state.get("skipped_updates", 0))
         self.curriculum.load_state_dict(state["curriculum"])
         self.sampler.load_state_dict(state["sampler"])
 
@@ -386,10 +417,14 @@ class Trainer:
         try:
             while self.step < cfg.run.steps:
                 t0 = time.perf_counter()
+                skipped_before = self.optimizer.skipped_total
                 m = self.train_one_step()
                 stop.record_step_time(time.perf_counter() - t0)
+                m["skipped_updates"] = float(self.optimizer.skipped_total)
                 history.append(m)
                 self.logger.log(self.step, m)
+                if self.optimizer.skipped_total > skipped_before:
+                    self._on_skipped_update(m)
                 if cfg.run.save_interval and self.step % cfg.run.save_interval == 0 and self.step < cfg.run.steps:
                     saved_step = self._timed_save(stop)
                 reason = stop.check(device)
@@ -406,6 +441,16 @@ class Trainer:
             stop.uninstall()
             self.logger.close()
         return history
+
+    def _on_skipped_update(self, m: Dict[str, float]) -> None:
+        n, limit = self.optimizer.consecutive_skips, self.cfg.optim.max_skipped_updates
+        self.logger.info(f"step {self.step}: update skipped, non-finite gradient norm {m.get('grad_norm')} "
+                         f"(loss {m.get('loss')}); {n} in a row, {self.optimizer.skipped_total} in all")
+        if n >= limit:
+            raise NonFiniteUpdateError(
+                f"{n} consecutive updates had a non-finite gradient norm (optim.max_skipped_updates={limit}), "
+                f"last at step {self.step}: the weights were left unchanged and nothing non-finite was saved; "
+                "lower optim.lr or check the data and rewards, then resume from the newest checkpoint")
 
     def _timed_save(self, stop: StopRequests) -> int:
         t0 = time.perf_counter()
