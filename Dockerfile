@@ -17,9 +17,10 @@ COPY examples ./examples
 COPY bench ./bench
 
 # The image's torch, transformer-engine and apex stay as they are: megatron-core and our pure-Python
-# dependencies are added on top; no dependency may replace the image's CUDA torch.
+# dependencies are added on top; no dependency may replace the image's CUDA torch. megatron-core is pinned to
+# the version the test suite runs against (README's test command, .ci/run); 0.16.1 is tested too.
 RUN python -c "import torch, transformer_engine; print('torch', torch.__version__)" \
- && pip install --no-cache-dir "megatron-core>=0.16.1" \
+ && pip install --no-cache-dir "megatron-core==0.19.2" \
  && pip install --no-cache-dir -e ".[wandb]" \
  && python -c "import torch, megatron.core, megatron_rcpa.ops; print('megatron_rcpa ready, torch', torch.__version__)"
 

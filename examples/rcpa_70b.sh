@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # RCPA on Qwen2.5-VL-72B: 4 nodes x 8 GPUs, one task per node (srun) launching torchrun.
 #
-#   sbatch examples/rcpa_70b.sh                 # submit (set the paths below or export them first)
+#   cd <repo> && sbatch examples/rcpa_70b.sh    # submit from the repo root (or export REPO_DIR)
 #   DRY_RUN=1 bash examples/rcpa_70b.sh         # print the resolved torchrun command, no Slurm needed
+#   sbatch examples/rcpa_70b.sh run.steps=100   # trailing key=value overrides (and EXTRA_ARGS) reach the trainer
+#
+# The log is <submit dir>/<job name>-<job id>.out, appended to across requeues. A subdirectory would have to
+# exist before sbatch runs (Slurm opens the file before the script starts; a missing dir fails the job with
+# no output at all), so for logs/ use:  mkdir -p logs && sbatch --output=logs/%x-%j.out examples/rcpa_70b.sh
 #
 # Layout: TP=8 x PP=4 = 32 GPUs per model replica (DP = nodes*8/32 = 1 here; add nodes in multiples of 4
 # for data parallelism).
@@ -14,8 +19,21 @@
 #     (2 + 4 + 4 + 4 bytes) / 32 GPUs ~ 32 GB, plus activations and the KV cache for rollouts; a frozen
 #     reference (only when rcpa.loss.beta > 0) adds 2 bytes/param / 32 ~ 4.5 GB.
 #   - The vision tower (675M) sits on the first stage, replicated over TP.
-# Resume on requeue: the job asks Slurm to requeue it shortly before its time limit (or on preemption) and
-# run.resume=auto continues from the newest complete checkpoint in OUTPUT_DIR.
+# Batch: data.prompts_per_step is the GLOBAL number of prompts per step, over all data-parallel ranks (as in
+# NeMo-RL/verl): the config's 64 prompts x rcpa.group_size 8 = 512 rollouts per step, each DP rank generating
+# and training on prompts_per_step / DP of the prompts (it must divide by DP), in micro-batches of
+# optim.micro_batch_size rollouts. Adding replicas (DP) splits the same batch; it does not grow it.
+#
+# Save and requeue: Slurm sends USR1 to this script 300 s before the time limit (--signal=B:USR1@300; also
+# `scancel --signal=USR1 --batch JOBID` by hand). The trap creates the stop file OUTPUT_DIR/SAVE_AND_EXIT
+# (the trainer's run.stop_file; torchrun would die of a forwarded USR1, so the signal is not forwarded): the
+# trainer finishes its step, saves, exits 0; then this script requeues the job, and the rerun's
+# run.resume=auto continues from that checkpoint. A run that ends without a USR1 is not requeued.
+#
+# Everything is an environment override (defaults below); for a CPU smoke run without GPUs or a container:
+#   NPROC_PER_NODE=1 TP=1 PP=1 CHECKPOINT= DATA= CONFIG=examples/configs/tiny_cpu.yaml \
+#     sbatch --nodes=1 --cpus-per-task=2 examples/rcpa_70b.sh model.tiny=true model.dtype=fp32 \
+#     parallel.distributed_optimizer=false
 #SBATCH --job-name=rcpa-qwen2.5-vl-72b
 #SBATCH --nodes=4
 #SBATCH --ntasks-per-node=1
@@ -25,16 +43,32 @@
 #SBATCH --time=04:00:00
 #SBATCH --requeue
 #SBATCH --signal=B:USR1@300
-#SBATCH --output=logs/%x-%j.out
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
 set -euo pipefail
 
 # ----------------------------------------------------------------------------------------------- paths
-REPO_DIR=${REPO_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
-CONFIG=${CONFIG:-$REPO_DIR/examples/configs/qwen2_5_vl_72b.yaml}
-CHECKPOINT=${CHECKPOINT:-/checkpoints/qwen2_5_vl_72b_megatron}   # tools/convert_hf_to_megatron.py output
-DATA=${DATA:-/data/geo170k/train.jsonl}
-OUTPUT_DIR=${OUTPUT_DIR:-/runs/rcpa_qwen2_5_vl_72b}
-CONTAINER_IMAGE=${CONTAINER_IMAGE:-/images/megatron_rcpa.sqsh}    # built from the repo's Dockerfile
+# sbatch runs a spool copy of this file (BASH_SOURCE is <spool>/jobNNNN/slurm_script), so under Slurm the
+# repository is the directory sbatch was run from; REPO_DIR, when set, wins.
+if [[ -z "${REPO_DIR:-}" ]]; then
+  if [[ -n "${SLURM_SUBMIT_DIR:-}" ]]; then
+    REPO_DIR=$SLURM_SUBMIT_DIR
+  else
+    REPO_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+  fi
+fi
+if [[ ! -f "$REPO_DIR/megatron_rcpa/train/__main__.py" ]]; then
+  echo "rcpa_70b.sh: REPO_DIR=$REPO_DIR is not the megatron_rcpa repository (no megatron_rcpa/train/__main__.py):" \
+    "run sbatch from the repository root or export REPO_DIR=<repo>" >&2
+  exit 2
+fi
+abspath() { if [[ "$1" == /* ]]; then echo "$1"; else echo "$REPO_DIR/$1"; fi; }  # relative = to REPO_DIR
+CONFIG=$(abspath "${CONFIG:-examples/configs/qwen2_5_vl_72b.yaml}")
+CHECKPOINT=${CHECKPOINT-/checkpoints/qwen2_5_vl_72b_megatron}  # tools/convert_hf_to_megatron.py output; empty: none
+DATA=${DATA-/data/geo170k/train.jsonl}                         # empty: the config's data (e.g. synthetic)
+OUTPUT_DIR=$(abspath "${OUTPUT_DIR:-/runs/rcpa_qwen2_5_vl_72b}")
+STOP_FILE=$OUTPUT_DIR/SAVE_AND_EXIT                            # the trainer's run.stop_file (USR1 trap)
+CONTAINER_IMAGE=${CONTAINER_IMAGE:-}   # e.g. /images/megatron_rcpa.sqsh from the Dockerfile (pyxis); empty: host
 CONTAINER_MOUNTS=${CONTAINER_MOUNTS:-/checkpoints:/checkpoints,/data:/data,/runs:/runs,$REPO_DIR:$REPO_DIR}
 TP=${TP:-8}
 PP=${PP:-4}
@@ -42,9 +76,15 @@ EXTRA_ARGS=${EXTRA_ARGS:-}
 
 # ------------------------------------------------------------------------------------------- topology
 NNODES=${SLURM_JOB_NUM_NODES:-4}
-GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-8}
+NPROC_PER_NODE=${NPROC_PER_NODE:-${SLURM_GPUS_ON_NODE:-8}}   # torchrun processes per node (one per GPU)
+WORLD=$((NNODES * NPROC_PER_NODE))
+if (( WORLD % (TP * PP) != 0 )); then
+  echo "rcpa_70b.sh: $NNODES nodes x $NPROC_PER_NODE processes = $WORLD ranks do not divide by TP=$TP x PP=$PP" >&2
+  exit 2
+fi
+echo "layout: $NNODES nodes x $NPROC_PER_NODE = $WORLD ranks = TP $TP x PP $PP x DP $((WORLD / (TP * PP)))" >&2
 if [[ -n "${SLURM_JOB_NODELIST:-}" ]]; then
-  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+  MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)  # not head: SIGPIPE + pipefail
 else
   MASTER_ADDR=${MASTER_ADDR:-127.0.0.1}
 fi
@@ -60,14 +100,19 @@ export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-8}
 export WANDB_MODE=${WANDB_MODE:-offline}
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
+# Triton compiles into ~/.triton by default, a home directory shared by all nodes on most clusters: give each
+# node its own cache (node-local /tmp; the node name keeps a shared TRITON_CACHE_ROOT safe too).
+export TRITON_CACHE_ROOT=${TRITON_CACHE_ROOT:-/tmp/${USER:-rcpa}-triton-$JOB_ID}
 
-TORCHRUN=(torchrun --nnodes "$NNODES" --nproc_per_node "$GPUS_PER_NODE"
+TORCHRUN=(torchrun --nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE"
   --rdzv_backend c10d --rdzv_endpoint "$MASTER_ADDR:$MASTER_PORT" --rdzv_id "$JOB_ID"
-  -m megatron_rcpa.train --config "$CONFIG"
-  model.checkpoint="$CHECKPOINT" data.path="$DATA" run.output_dir="$OUTPUT_DIR" run.resume=auto
+  -m megatron_rcpa.train --config "$CONFIG")
+[[ -n "$CHECKPOINT" ]] && TORCHRUN+=(model.checkpoint="$CHECKPOINT")
+[[ -n "$DATA" ]] && TORCHRUN+=(data.path="$DATA")
+TORCHRUN+=(run.output_dir="$OUTPUT_DIR" run.resume=auto run.stop_file="$STOP_FILE"
   parallel.tp="$TP" parallel.pp="$PP" parallel.distributed_optimizer=true model.dtype=bf16)
 # shellcheck disable=SC2206
-TORCHRUN+=($EXTRA_ARGS)
+TORCHRUN+=($EXTRA_ARGS "$@")   # later overrides win
 
 if [[ "${DRY_RUN:-0}" == "1" ]]; then
   printf '%q ' "${TORCHRUN[@]}"
@@ -75,12 +120,45 @@ if [[ "${DRY_RUN:-0}" == "1" ]]; then
   exit 0
 fi
 
-mkdir -p logs "$OUTPUT_DIR"
-requeue() { echo "time limit near: requeueing $JOB_ID"; scontrol requeue "$JOB_ID"; }
-trap requeue USR1
+# ------------------------------------------------------------------------------------------------ launch
+SRUN=(srun --ntasks-per-node=1 --kill-on-bad-exit=1)
+# Slurm 22.05-23.02 do not pass the job's --cpus-per-task on to srun: without it every rank shares one CPU.
+[[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && SRUN+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
+if [[ -n "$CONTAINER_IMAGE" ]]; then   # pyxis/enroot
+  SRUN+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$CONTAINER_MOUNTS"
+    --container-workdir="$REPO_DIR" --no-container-mount-home)
+else
+  SRUN+=(--chdir="$REPO_DIR")
+fi
+# On each node: its own Triton cache, then torchrun.
+# shellcheck disable=SC2016
+NODE_LAUNCH=(bash -c 'export TRITON_CACHE_DIR="$TRITON_CACHE_ROOT/${SLURMD_NODENAME:-$HOSTNAME}";'\
+' mkdir -p "$TRITON_CACHE_DIR" && exec "$@"' rcpa-node)
 
-srun --ntasks-per-node=1 --kill-on-bad-exit=1 \
-  --container-image="$CONTAINER_IMAGE" --container-mounts="$CONTAINER_MOUNTS" \
-  --container-workdir="$REPO_DIR" --no-container-mount-home \
-  "${TORCHRUN[@]}" &
-wait $!
+mkdir -p "$OUTPUT_DIR"
+rm -f "$STOP_FILE"   # left by the run before a requeue; it would stop this one at once
+echo "job $JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $HOSTNAME: output $OUTPUT_DIR"
+stop_requested=0
+interrupted=0
+on_usr1() {
+  stop_requested=1 interrupted=1
+  echo "USR1 (time limit near or preemption): asking the trainer to save and exit ($STOP_FILE)"
+  touch "$STOP_FILE"
+}
+trap on_usr1 USR1
+
+"${SRUN[@]}" "${NODE_LAUNCH[@]}" "${TORCHRUN[@]}" &
+srun_pid=$!
+# `wait` returns early (status > 128) when the trap runs; wait again until srun itself has ended (a second
+# `wait` on a srun that has already ended returns its exit status).
+while :; do
+  interrupted=0 rc=0
+  wait "$srun_pid" || rc=$?
+  (( interrupted )) || break
+done
+trap - USR1
+if (( stop_requested )); then
+  echo "training step ended (exit $rc) after a stop request: requeueing job $JOB_ID"
+  scontrol requeue "$JOB_ID"
+fi
+exit "$rc"
