@@ -287,19 +287,41 @@ def _merge(base: dict, top: dict) -> dict:
     return out
 
 
+DEFAULTS_KEY = "defaults"
+
+
+def _load_tree(path: str, chain: Sequence[str] = ()) -> dict:
+    """One YAML config file as a tree, with the files its ``defaults:`` list names (paths relative to it)
+    merged underneath, in order: a later base overrides an earlier one, the file itself overrides them all."""
+    if not os.path.isfile(path):
+        where = f" (named in defaults: of {chain[-1]!r})" if chain else ""
+        raise FileNotFoundError(f"config file {path!r} does not exist{where}")
+    real = os.path.realpath(path)
+    if real in chain:
+        raise ValueError(f"config file {path!r}: defaults: form a cycle ({' -> '.join(list(chain) + [real])})")
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = yaml_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"config file {path!r} is not valid YAML: {e}") from e
+    if not isinstance(tree, dict):
+        raise ValueError(f"config file {path!r}: the top level must be a mapping of sections")
+    bases = tree.pop(DEFAULTS_KEY, None) or []
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ValueError(f"config file {path!r}: {DEFAULTS_KEY}: must be a list of config file paths, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
+        merged = _merge(merged, _load_tree(base_path, list(chain) + [real]))
+    return _merge(merged, tree)
+
+
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
-    """YAML file (optional) + overrides -> a validated TrainConfig. Errors name the file/key/value."""
-    tree: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path!r} does not exist")
-        try:
-            with open(path, encoding="utf-8") as f:
-                tree = yaml_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"config file {path!r} is not valid YAML: {e}") from e
-        if not isinstance(tree, dict):
-            raise ValueError(f"config file {path!r}: the top level must be a mapping of sections")
+    """YAML file (optional; ``defaults: [base.yaml, ...]`` in it extends other files) + overrides -> a
+    validated TrainConfig. Errors name the file/key/value."""
+    tree: dict = _load_tree(path) if path is not None else {}
     tree = _merge(tree, parse_overrides(overrides))
     where = os.path.basename(path) if path else "config"
     try:
@@ -327,6 +349,9 @@ def check_runnable(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
     if world_size % (tp * pp):
         raise ValueError(f"parallel.tp x parallel.pp = {tp} x {pp} = {tp * pp} does not divide the world size "
                          f"{world_size} (WORLD_SIZE; launch with torchrun --nproc_per_node {tp * pp} or a multiple)")
+    from megatron_rcpa.train.phases import check_batch_layout
+
+    check_batch_layout(cfg, world_size // (tp * pp))  # the global batch splits over data parallel
     if cfg.model.family in TEXT_FAMILIES:
         try:
             where = _image_data(cfg.data)
