@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -30,6 +31,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_missing_extras() -> None:
+    """megatron-core warns about missing Transformer Engine / apex once per module that falls back (about ten
+    lines); say it once, in one line, and silence the repeats."""
+    import importlib.util
+    import warnings
+
+    missing = [name for name, mod in (("Transformer Engine", "transformer_engine"), ("apex", "apex"))
+               if importlib.util.find_spec(mod) is None]
+    warnings.filterwarnings("ignore", message=r".*(is deprecated|is experimental).*", module=r"megatron\..*")
+    warnings.filterwarnings("ignore", message=r".*(experimental|deprecated).*", category=UserWarning)
+    if not missing:
+        return
+    for pattern in (r".*Transformer Engine and Apex are not installed.*", r".*Apex is not installed.*",
+                    r".*Transformer Engine is not installed.*", r".*apex.* not installed.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"[rcpa] {' and '.join(missing)} not installed: megatron-core uses its local torch implementations "
+              "(fine on CPU; install them on GPUs for fused kernels and FP8)", file=sys.stderr)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -44,6 +65,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
+    quiet_missing_extras()
     from megatron_rcpa.train.guard import NonFiniteUpdateError
     from megatron_rcpa.train.trainer import run
 

@@ -343,6 +343,12 @@ def check_runnable(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
         get_reward(cfg.reward.name, **cfg.reward.kwargs)
     except (ValueError, TypeError) as e:
         raise ValueError(f"reward.name = {cfg.reward.name!r} with reward.kwargs = {cfg.reward.kwargs!r}: {e}") from e
+    if cfg.logging.wandb:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None:
+            raise ValueError("logging.wandb = true needs the wandb package: pip install wandb "
+                             "(or pip install 'megatron-rcpa[wandb]')")
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     tp, pp = cfg.parallel.tp, cfg.parallel.pp

@@ -17,6 +17,31 @@ COMPACT = [("reward", "rew", ".3f"), ("reward_probe", "probe", ".3f"), ("familia
            ("clip_frac_high", "clip+", ".3f"), ("grad_norm", "gn", ".3f"), ("time_step", "s", ".1f")]
 
 
+# TensorBoard / wandb names: the flat RCPA_SPEC section 5 keys of metrics.jsonl, grouped under the prefixes users
+# of verl / NeMo-RL dashboards expect. First match wins; "val/..." and already-namespaced keys stay as they are.
+NAMESPACES = (
+    ("reward/", ("reward",)),
+    ("curriculum/", ("familiarity", "rho", "mean_k_over_l", "phase", "lambda_t", "zero_var_frac", "num_probes",
+                     "probe", "difficulty")),
+    ("loss/", ("loss", "imit_nll", "entropy", "kl_ref", "clip_frac", "approx_kl", "pg_", "policy_")),
+    ("optim/", ("grad_norm", "lr", "update_ok", "skipped_updates")),
+    ("timing/", ("time_", "tokens_per_s")),
+    ("memory/", ("memory_", "mem_")),
+    ("rollout/", ("response_length", "logp_mismatch", "padding_frac", "gen_tokens", "seq_tokens")),
+)
+
+
+def namespaced(key: str) -> str:
+    """The dashboard name of a metrics.jsonl key, e.g. ``rho`` -> ``curriculum/rho``, ``time_rollout`` ->
+    ``timing/time_rollout``; unknown keys go under ``misc/``."""
+    if "/" in key:
+        return key
+    for prefix, starts in NAMESPACES:
+        if any(key == s or key.startswith(s) for s in starts):
+            return prefix + key
+    return "misc/" + key
+
+
 def compact_line(step: int, total: int, m: Dict[str, float]) -> str:
     parts = [f"step {step}/{total}", f"[{m.get('phase_name', '?')}]"]
     for key, short, fmt in COMPACT:
@@ -52,8 +77,9 @@ class MetricsLogger:
             except ImportError as e:
                 raise ImportError("logging.wandb=true needs the wandb package: pip install wandb") from e
             os.environ.setdefault("WANDB_MODE", "offline")
+            # one wandb run per output dir: a requeued / resumed job continues it instead of starting another
             self._wandb = wandb.init(project=cfg.logging.wandb_project, name=cfg.run.name, dir=out,
-                                     config=cfg.to_dict())
+                                     config=cfg.to_dict(), id=wandb_run_id(out, cfg.run.name), resume="allow")
 
     def info(self, text: str) -> None:
         if self.enabled:
@@ -76,7 +102,7 @@ class MetricsLogger:
             self._write(f"metrics.jsonl: dropped {dropped} row(s) after step {step} (not in the checkpoint "
                         "resumed from) or torn by a kill")
         self._jsonl = open(self._path, "a", encoding="utf-8")
-        if self.cfg.run.progress_bar:
+        if self.cfg.run.progress_bar and sys.stderr.isatty():  # no bar in a log file: the step lines stay
             from tqdm import tqdm
 
             self._bar = tqdm(total=self.total, initial=step, desc=self.cfg.run.name, unit="step",
@@ -89,13 +115,18 @@ class MetricsLogger:
             return
         self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
         self._jsonl.flush()
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self._dashboards(step, metrics)
+
+    def _dashboards(self, step: int, metrics: Dict[str, float]) -> Dict[str, float]:
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        named = {namespaced(k): v for k, v in numeric.items()}
         if self._tb is not None:
-            for k, v in numeric.items():
+            for k, v in named.items():
                 self._tb.add_scalar(k, v, step)
             self._tb.flush()
         if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
+            self._wandb.log(named, step=step)
+        return numeric
 
     def log(self, step: int, metrics: Dict[str, float]) -> None:
         if not self.enabled:
@@ -107,13 +138,7 @@ class MetricsLogger:
         self._jsonl.flush()
         if step % self.cfg.run.log_interval == 0 or step == self.total:
             self._write(compact_line(step, self.total, metrics))
-        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        if self._tb is not None:
-            for k, v in numeric.items():
-                self._tb.add_scalar(k, v, step)
-            self._tb.flush()
-        if self._wandb is not None:
-            self._wandb.log(numeric, step=step)
+        numeric = self._dashboards(step, metrics)
         if self._bar is not None:
             self._bar.update(1)
             self._bar.set_postfix(reward=f"{numeric.get('reward', float('nan')):.3f}",
@@ -128,6 +153,24 @@ class MetricsLogger:
             self._jsonl.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def wandb_run_id(output_dir: str, name: str) -> str:
+    """A stable wandb run id for ``output_dir``, kept in ``<output_dir>/wandb_id`` (made on the first start)."""
+    import hashlib
+    import re
+
+    path = os.path.join(output_dir, "wandb_id")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            run_id = f.read().strip()
+        if run_id:
+            return run_id
+    digest = hashlib.sha1(os.path.abspath(output_dir).encode()).hexdigest()[:8]
+    run_id = f"{re.sub(r'[^A-Za-z0-9_-]+', '-', name)[:48]}-{digest}"
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(run_id + "\n")
+    return run_id
 
 
 def _parse_lines(path: str):

@@ -295,6 +295,10 @@ def step_metrics(ctx: StepContext, traj: Trajectory, train_metrics: Dict[str, fl
         "time_logprob": times.get("logprob", 0.0), "time_train": times.get("train", 0.0), "time_step": total,
         "tokens_per_s": float(batch.lengths.sum()) * ctx.groups.dp_size / max(total, 1e-9),
     })
+    if torch.cuda.is_available():  # this rank's GPU memory (the logging rank: a last pipeline stage)
+        metrics["memory_allocated_gb"] = torch.cuda.memory_allocated() / 2**30
+        metrics["memory_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        torch.cuda.reset_peak_memory_stats()
     return metrics
 
 
