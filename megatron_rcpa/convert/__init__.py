@@ -25,7 +25,7 @@ _EXPORTS = {
     "convert_megatron_to_hf": "megatron_to_hf",
     "export_hf_tensors": "megatron_to_hf",
     "verify_conversion": "verify",
-    "FAMILIES": "families",
+    "family_by_name": "families",
     "family_for_config": "families",
 }
 

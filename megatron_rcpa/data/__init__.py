@@ -1,7 +1,7 @@
 """RCPA data: samples, readers (JSONL / parquet / HF ``save_to_disk``), a resumable DP-sharded prompt sampler,
-synthetic verifiable domains (counting, geometry) and prompt formatting."""
+synthetic verifiable domains (counting, geometry). A sample's prompt format is its model family's
+(:class:`megatron_rcpa.models.families.PromptFormat`)."""
 
-from .prompt import IMAGE_PLACEHOLDERS, build_messages, build_prompt, fallback_prompt, image_placeholder_for
 from .readers import (
     FORMATS,
     DataFileError,
@@ -27,7 +27,7 @@ from .synthetic import (
 )
 
 __all__ = [
-    "IMAGE_PLACEHOLDERS", "build_messages", "build_prompt", "fallback_prompt", "image_placeholder_for", "FORMATS",
+    "FORMATS",
     "DataFileError", "ImageSource", "ReaderConfig", "SampleDataset", "SampleLoadError", "detect_format",
     "hf_disk_files",
     "image_to_png_bytes", "load_image", "load_samples", "samples_from_rows", "SKIP_REASONS", "DataStats", "Sample",

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import yaml
 
 from megatron_rcpa.algo.config import RCPAConfig, _check_choice, _check_int, _check_real, from_dict
+from megatron_rcpa.models import families as model_families
 
 
 @dataclass
@@ -48,7 +49,7 @@ class ModelConfig:
     reference_checkpoint: Optional[str] = None  # frozen reference; default = the initial policy
 
     def __post_init__(self) -> None:
-        _check_choice("model", "family", self.family, ("qwen2_5_vl", "llava", "llama", "qwen2", "gpt"))
+        _check_choice("model", "family", self.family, tuple(model_families.names()))
         _check_choice("model", "dtype", self.dtype, ("fp32", "bf16"))
 
 

@@ -77,42 +77,20 @@ def init_parallel(cfg: TrainConfig) -> None:
 
 
 def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0):
-    """This rank's policy stage: the checkpoint's weights, or (``model.tiny``) weights drawn per tensor from
-    its global name, the same at every TP/PP layout."""
-    from megatron_rcpa.convert.families import family_by_name
+    """This rank's policy stage: the checkpoint's weights, or (``model.tiny``) weights the family draws per
+    tensor from its global name, the same at every TP/PP layout."""
+    from megatron_rcpa.models import families
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
     if cfg.model.tiny:
-        from megatron_rcpa.testing.models import init_global_weights
-
-        policy = family_by_name(cfg.model.family).build_policy(hf_config, params_dtype=dtype)
-        # (megatron's own CPU init is not PP-invariant, and tied embedding copies must start equal)
-        seed = cfg.run.seed + seed_offset
-        init_global_weights(policy.language_model, seed=seed)
-        if cfg.model.family == "llava" and policy.vision_model is not None:  # megatron modules, TP-sharded
-            init_global_weights(policy.vision_model, seed=seed + 1)
-            init_global_weights(policy.vision_projection, seed=seed + 2)
-        elif policy.vision_model is not None:  # the HF tower, replicated
-            _init_by_name(policy.vision_model, seed, policy.config.init_method_std)
+        family = families.get(cfg.model.family)
+        policy = family.build_policy(hf_config, params_dtype=dtype)
+        family.init_tiny_weights(policy, cfg.run.seed + seed_offset)
         return policy
     from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint
 
     policy, _ = build_policy_from_checkpoint(cfg.model.checkpoint, params_dtype=dtype)
     return policy
-
-
-@torch.no_grad()
-def _init_by_name(module: torch.nn.Module, seed: int, std: float) -> None:
-    """Replicated (non-TP) modules such as the HF vision tower: N(0, std) per tensor (norm scales 1 + that),
-    from a generator seeded by (seed, parameter name): identical on every rank and layout."""
-    import zlib
-
-    for name, p in module.named_parameters():
-        gen = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**62))
-        full = torch.randn(p.shape, generator=gen, dtype=torch.float32) * std
-        if "norm" in name and name.endswith("weight"):
-            full += 1.0
-        p.copy_(full.to(device=p.device, dtype=p.dtype))
 
 
 def build_dataset(cfg: TrainConfig):
@@ -324,10 +302,11 @@ class Trainer:
         per_micro = micro[0].num_rollouts
         extras = [self.family.micro_batch_inputs(prompts[mine], rollouts[i * per_micro:i * per_micro + m.num_rollouts])
                   for i, m in enumerate(micro)]
+        from megatron_rcpa.models.policy_base import trainer_forward  # one forward_fn for every family
+
         lambda_t = self.curriculum.lambda_t(cfg.rcpa.loss.lambda_0)
         step_cfg = StepConfig(loss=cfg.rcpa.loss, lambda_t=lambda_t, temperature=cfg.rollout.temperature,
                               vocab_size=self.vocab_size, impl=self.impl)
-        trainer_forward = self.family.forward_fn
         old = compute_logprobs(self.model, micro, step_cfg, trainer_forward, extras=extras)
         ref = (compute_logprobs(self.reference, micro, step_cfg, trainer_forward, extras=extras)
                if self.reference is not None else None)

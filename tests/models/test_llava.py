@@ -80,7 +80,7 @@ def tp1_worker(models, out_root, batches):
     from megatron_rcpa.convert.hf_io import HFCheckpointReader
     from megatron_rcpa.convert.hf_to_megatron import convert_rank, plan_hf_to_megatron
     from megatron_rcpa.convert.megatron_to_hf import export_hf_tensors
-    from megatron_rcpa.models.llava import llava_trainer_forward
+    from megatron_rcpa.models.policy_base import trainer_forward
 
     results = {}
     for name, hf_dir in models.items():
@@ -96,7 +96,7 @@ def tp1_worker(models, out_root, batches):
         ids, pv = batch["input_ids"], batch["pixel_values"]
         with torch.no_grad():
             masked = policy(input_ids=ids, pixel_values=pv, attention_mask=batch["attention_mask"])
-            via_trainer = llava_trainer_forward(policy, {"tokens": ids, "pixel_values": pv})
+            via_trainer = trainer_forward(policy, {"tokens": ids, "pixel_values": pv})
         errors = {}
         for what, kwargs in (
             ("grid", {"pixel_values": pv, "image_grid_thw": torch.ones(3, 3, dtype=torch.long)}),
@@ -136,7 +136,7 @@ def _rollout_and_train(ckpt, batch):
 
     from megatron_rcpa.algo.config import LossConfig
     from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint
-    from megatron_rcpa.models.llava import llava_trainer_forward
+    from megatron_rcpa.models.policy_base import trainer_forward
     from megatron_rcpa.rollout.batch import pack_rollouts
     from megatron_rcpa.rollout.engine import PromptInput, RolloutEngine, SamplingParams
     from megatron_rcpa.rollout.sampling import StopChecker
@@ -161,12 +161,12 @@ def _rollout_and_train(ckpt, batch):
                                                  params_dtype=torch.float32), [ddp])
     policy.config.finalize_model_grads_func = finalize_model_grads
     cfg = StepConfig(loss=LossConfig(), vocab_size=meta.vocab_size, impl="torch")
-    old = compute_logprobs(ddp, micro, cfg, llava_trainer_forward, extras=extras)
+    old = compute_logprobs(ddp, micro, cfg, trainer_forward, extras=extras)
     mismatch = max(((o - torch.as_tensor(m.rollout_logp)) * m.gen_mask).abs().max().item()
                    for o, m in zip(old, micro))
     qkv = policy.vision_model.decoder.layers[0].self_attention.linear_qkv.weight
     before = qkv.detach().clone()
-    metrics = train_step(ddp, opt, micro, old, cfg, forward_fn=llava_trainer_forward, extras=extras)
+    metrics = train_step(ddp, opt, micro, old, cfg, forward_fn=trainer_forward, extras=extras)
     return {"generated": sum(len(r.generated_tokens) for r in rollouts), "logp_mismatch": mismatch,
             "metrics": metrics, "vit_qkv_moved": (qkv.detach() - before).abs().max().item(),
             "ln_pre": policy.vision_model.ln_pre.weight.detach().clone()}
@@ -255,8 +255,8 @@ def hf_llava(llava_models):
 def hf_llava_reference(hf_llava, llava_batches):
     """HF logits (plain and left-padded), the summed cross entropy of the labels and the gradients of the
     vision tower / projector under on-disk names."""
-    from megatron_rcpa.convert.families import LLAVA
     from megatron_rcpa.convert.hf_io import normalize_name
+    from megatron_rcpa.models.families.llava import LLAVA
 
     out = {}
     for name, model in hf_llava.items():

@@ -69,7 +69,7 @@ def tp1_worker(models, out_root, batch):
     from megatron_rcpa.convert.hf_io import HFCheckpointReader
     from megatron_rcpa.convert.hf_to_megatron import convert_rank, plan_hf_to_megatron
     from megatron_rcpa.convert.megatron_to_hf import export_hf_tensors
-    from megatron_rcpa.models.qwen2_5_vl import trainer_forward
+    from megatron_rcpa.models.policy_base import trainer_forward
 
     results = {}
     for name, hf_dir in models.items():

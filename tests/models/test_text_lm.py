@@ -22,22 +22,10 @@ SEQ = 12
 
 def save_tiny_text_lm(path, kind, *, seed=0, tied=False, num_key_value_heads=2, **overrides):
     """A random tiny Llama / Qwen2 causal LM saved with save_pretrained (norms and biases made non-trivial)."""
-    import transformers
+    from megatron_rcpa.models.tiny import save_tiny_text_lm as save
 
-    config_cls, model_cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-                             "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM)}[kind]
-    kwargs = dict(vocab_size=301, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=num_key_value_heads, max_position_embeddings=256, rms_norm_eps=1e-6,
-                  tie_word_embeddings=tied,
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0 if kind == "llama" else 1.0e6})
-    kwargs.update(overrides)
-    from megatron_rcpa.models.tiny import perturb_norms_and_biases
-
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**kwargs)).eval()
-    perturb_norms_and_biases(model)
-    model.save_pretrained(path)
-    return path
+    return save(path, kind, seed=seed, tie_word_embeddings=tied, num_key_value_heads=num_key_value_heads,
+                **overrides)
 
 
 # ------------------------------------------------------------------------------------- worker helpers
@@ -54,7 +42,7 @@ def tp1_worker(models, out_root, batch):
     from megatron_rcpa.convert.hf_io import HFCheckpointReader
     from megatron_rcpa.convert.hf_to_megatron import convert_rank, plan_hf_to_megatron
     from megatron_rcpa.convert.megatron_to_hf import export_hf_tensors
-    from megatron_rcpa.models.text_lm import text_trainer_forward
+    from megatron_rcpa.models.policy_base import trainer_forward
 
     results = {}
     for name, hf_dir in models.items():
@@ -70,7 +58,7 @@ def tp1_worker(models, out_root, batch):
             logits = policy(input_ids=batch["input_ids"])
             masked = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             loss = policy(input_ids=batch["input_ids"], labels=batch["labels"])
-            via_trainer = text_trainer_forward(policy, {"tokens": batch["input_ids"]})
+            via_trainer = trainer_forward(policy, {"tokens": batch["input_ids"]})
         errors = {}
         for what, kwargs in (("pixels", {"pixel_values": torch.zeros(4, 8)}),
                              ("positions", {"position_ids": torch.zeros_like(batch["input_ids"])})):
