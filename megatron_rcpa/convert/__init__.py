@@ -2,7 +2,7 @@
 
 * :mod:`.weight_maps` - :class:`TensorMap` / :class:`ModuleMap` tables and the TP-aware transforms;
   :func:`decoder_tensor_maps` is the Qwen2/Llama text tower, shared by every family
-* :mod:`.families` - HF architecture -> table, policy builder, name aliases
+* :mod:`.families` - the model-family registry's lookups for the converters (ConversionError)
 * :mod:`.checkpoint` - dist_checkpointing save/load + metadata (reused by the trainer)
 * :mod:`.hf_to_megatron`, :mod:`.megatron_to_hf`, :mod:`.verify` - what ``tools/`` run
 * :mod:`.hf_io` - safetensors reading/writing, tokenizer/processor files
@@ -25,7 +25,7 @@ _EXPORTS = {
     "convert_megatron_to_hf": "megatron_to_hf",
     "export_hf_tensors": "megatron_to_hf",
     "verify_conversion": "verify",
-    "FAMILIES": "families",
+    "family_by_name": "families",
     "family_for_config": "families",
 }
 

@@ -1,9 +1,9 @@
 """RCPA data: samples, readers (JSONL / parquet / HF ``save_to_disk`` and hub-style directories; plain, verl and
-TRL row schemas), image pixel limits (Qwen2-VL's ``smart_resize``), a resumable DP-sharded prompt sampler,
-synthetic verifiable domains (counting, geometry) and prompt formatting."""
+TRL row schemas), image pixel limits (Qwen2-VL's ``smart_resize``), a resumable DP-sharded prompt sampler and
+synthetic verifiable domains (counting, geometry). A sample's prompt format is its model family's
+(:class:`megatron_rcpa.models.families.PromptFormat`)."""
 
 from .image_size import DEFAULT_MAX_PIXELS, DEFAULT_MIN_PIXELS, smart_resize
-from .prompt import IMAGE_PLACEHOLDERS, build_messages, build_prompt, fallback_prompt, image_placeholder_for
 from .readers import (
     FORMATS,
     REFERENCE_FIELDS,
@@ -33,7 +33,7 @@ from .synthetic import (
 )
 
 __all__ = [
-    "IMAGE_PLACEHOLDERS", "build_messages", "build_prompt", "fallback_prompt", "image_placeholder_for", "FORMATS",
+    "FORMATS",
     "DataFileError", "ImageSource", "ReaderConfig", "SampleDataset", "SampleLoadError", "detect_format",
     "hf_disk_files", "hub_dir_files", "get_field", "fit_image", "REFERENCE_FIELDS", "smart_resize",
     "DEFAULT_MIN_PIXELS", "DEFAULT_MAX_PIXELS",

@@ -8,6 +8,10 @@
 * :mod:`.inference` - :class:`KVCache`, :func:`greedy_generate`, :func:`gather_vocab_logits`
 * :mod:`.pipeline` - :func:`pipeline_forward` (forward-only through the PP schedule)
 * :mod:`.tiny` - tiny random HF checkpoints for tests and demos
+* :mod:`.policy_base` - :class:`DecoderPolicy` (the one forward), :func:`build_decoder_policy`,
+  :func:`trainer_forward`, :func:`causal_padding_mask`
+* :mod:`.families` - the model-family registry (:func:`~.families.get`, :func:`~.families.names`): one record
+  per family with its builder, converter table, prompt format and tiny model
 
 Names are resolved lazily, so importing this package (or :mod:`.mrope`) does not import megatron.
 """
@@ -18,16 +22,18 @@ _EXPORTS = {
     "Qwen2_5_VLPolicy": "qwen2_5_vl",
     "build_qwen2_5_vl_policy": "qwen2_5_vl",
     "allreduce_vision_grads": "qwen2_5_vl",
-    "PADDED_VOCAB_LOGIT": "qwen2_5_vl",
-    "trainer_forward": "qwen2_5_vl",
+    "PADDED_VOCAB_LOGIT": "policy_base",
+    "trainer_forward": "policy_base",
+    "build_decoder_policy": "policy_base",
+    "causal_padding_mask": "policy_base",
     "TextLMPolicy": "text_lm",
     "build_text_policy": "text_lm",
-    "text_trainer_forward": "text_lm",
     "LlavaPolicy": "llava",
     "build_llava_policy": "llava",
-    "llava_trainer_forward": "llava",
     "save_tiny_llava": "tiny",
     "tiny_llava_config": "tiny",
+    "save_tiny_text_lm": "tiny",
+    "tiny_text_lm_config": "tiny",
     "mrope_position_ids": "mrope",
     "next_positions": "mrope",
     "DecoderDims": "decoder",

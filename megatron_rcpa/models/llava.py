@@ -23,9 +23,10 @@ cannot build a CLIP ViT without Transformer Engine (it passes ``config=`` to ``t
 its SigLIP path applies ``post_layernorm``, which HF LLaVA does not. This policy scatters the projected
 features into the token embeddings at HF's image-token positions, as transformers does.
 
-:class:`LlavaPolicy` has the forward contract of the other policies (``pixel_values`` [N, 3, H, W], one
-image per block of image tokens; ``image_grid_thw`` must be None): vocab-parallel logits, per-token cross
-entropy, ``loss_fn``, and KV-cache prefill / decoding. Positions are 0..S-1 per row as in transformers.
+:class:`LlavaPolicy` runs the shared forward of every policy
+(:meth:`~megatron_rcpa.models.policy_base.DecoderPolicy.forward`; ``pixel_values`` [N, 3, H, W], one image
+per block of image tokens; ``image_grid_thw`` must be None): vocab-parallel logits, per-token cross entropy,
+``loss_fn``, and KV-cache prefill / decoding. Positions are 0..S-1 per row as in transformers.
 """
 
 from __future__ import annotations
@@ -36,17 +37,10 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
 
-from megatron_rcpa.models.decoder import (
-    DecoderDims,
-    check_parallel_layout,
-    decoder_transformer_config,
-    pad_vocab_size,
-    parse_dtype,
-)
-from megatron_rcpa.models.policy_base import DecoderPolicy
-from megatron_rcpa.models.text_lm import TEXT_MODEL_TYPES, TextLMPolicy, text_lm_decoder_dims
+from megatron_rcpa.models.decoder import DecoderDims
+from megatron_rcpa.models.policy_base import DecoderPolicy, build_decoder_policy
+from megatron_rcpa.models.text_lm import TEXT_MODEL_TYPES, text_lm_decoder_dims
 
 __all__ = [
     "LLAVA_VISION_TYPES",
@@ -55,7 +49,6 @@ __all__ = [
     "build_llava_policy",
     "llava_decoder_dims",
     "llava_hf_config",
-    "llava_trainer_forward",
     "llava_unused_vision_tensors",
     "llava_vision_dims",
     "vit_layer_local_spec",
@@ -324,13 +317,13 @@ class _FrozenTensors(torch.nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------- policy
-class LlavaPolicy(TextLMPolicy):
+class LlavaPolicy(DecoderPolicy):
     """A LLaVA policy (one pipeline stage of it). Build it with :func:`build_llava_policy`."""
 
     def __init__(self, hf_config: Any, config, vision_config, projector_config, *, padded_vocab_size: int,
                  pre_process: bool = True, post_process: bool = True, transformer_layer_spec=None,
                  vision_layer_spec=None) -> None:
-        DecoderPolicy.__init__(self, config=config)
+        super().__init__(config=config)
         hf_config = llava_hf_config(hf_config)
         self._build_language_model(hf_config, llava_decoder_dims(hf_config), config,
                                    padded_vocab_size=padded_vocab_size, pre_process=pre_process,
@@ -413,95 +406,36 @@ class LlavaPolicy(TextLMPolicy):
 
         return self._embed_with_images(input_ids, self.image_token_id, pixel_values, features, strict=strict)
 
-    # ---------------------------------------------------------------------------------------- forward
-    def forward(
-        self,
-        input_ids: torch.Tensor,
-        position_ids: Optional[torch.Tensor] = None,
-        attention_mask: Optional[torch.Tensor] = None,
-        pixel_values: Optional[torch.Tensor] = None,
-        image_grid_thw: Optional[torch.Tensor] = None,
-        *,
-        labels: Optional[torch.Tensor] = None,
-        loss_fn: Optional[Callable[[torch.Tensor], Any]] = None,
-        kv_cache=None,
-        runtime_gather_output: bool = False,
-    ):
-        """One pipeline stage of the policy (same contract as :meth:`Qwen2_5_VLPolicy.forward`).
-
-        Args:
-            input_ids: [B, S] token ids, ``tokens_per_image`` image tokens per image (as HF's processor
-                expands ``<image>``).
-            position_ids: optional [B, S]; must be 0..S-1 (continuing after a KV cache): RoPE positions
-                follow the sequence, as in transformers.
-            attention_mask: optional [B, S] padding mask (1 = token); with ``kv_cache``, the new tokens only.
-            pixel_values: [N, 3, image_size, image_size] preprocessed images, in the order of their image
-                tokens (first stage only; ignored on later stages).
-            image_grid_thw: must be None (LLaVA images have one fixed size).
-            labels / loss_fn / kv_cache / runtime_gather_output: as for the Qwen2.5-VL policy.
-        """
+    # ------------------------------------------------------------------------------ forward hooks
+    def check_image_inputs(self, pixel_values, image_grid_thw) -> None:
+        """``pixel_values`` [N, 3, image_size, image_size] in the order of their image tokens (as HF's
+        processor expands ``<image>``: ``tokens_per_image`` each); no ``image_grid_thw``."""
         if image_grid_thw is not None:
             raise ValueError("a LLaVA policy takes no image_grid_thw: its images are "
                              f"{self.vision_dims.image_size}x{self.vision_dims.image_size} pixel_values")
-        return self._rope_forward(input_ids, position_ids, attention_mask,
-                                  embed=lambda prefill: self.embed(input_ids, pixel_values, strict=prefill),
-                                  labels=labels, loss_fn=loss_fn, kv_cache=kv_cache,
-                                  runtime_gather_output=runtime_gather_output)
+
+    def embed_input(self, input_ids, pixel_values, image_grid_thw, *, strict: bool) -> torch.Tensor:
+        return self.embed(input_ids, pixel_values, strict=strict)
+
+    def cast_to(self, dtype: torch.dtype) -> None:
+        self.to(dtype=dtype)  # torch norms and the patch convolution are created in fp32
 
 
-def llava_trainer_forward(model: torch.nn.Module, mb: Dict[str, torch.Tensor]):
-    """``forward_fn`` for :mod:`megatron_rcpa.train.step`: ``mb["tokens"]`` [b, s], the rows' images
-    ``mb["pixel_values"]`` (in token order) and an optional ``mb["attention_mask"]``."""
-    return model(input_ids=mb["tokens"], attention_mask=mb.get("attention_mask"), pixel_values=mb.get("pixel_values"))
-
-
-def build_llava_policy(
-    hf_config: Any,
-    *,
-    params_dtype: Any = torch.float32,
-    padded_vocab_size: Optional[int] = None,
-    make_vocab_size_divisible_by: int = 128,
-    pre_process: Optional[bool] = None,
-    post_process: Optional[bool] = None,
-    perform_initialization: bool = True,
-    transformer_layer_spec=None,
-    vision_layer_spec=None,
-    config_overrides: Optional[Dict[str, Any]] = None,
-    vision_config_overrides: Optional[Dict[str, Any]] = None,
-    **_ignored: Any,
-) -> LlavaPolicy:
-    """Build this rank's stage of a LLaVA policy at the current megatron TP/PP layout (arguments as
-    :func:`~megatron_rcpa.models.qwen2_5_vl.build_qwen2_5_vl_policy`; ``vision_config_overrides`` go to the
-    ViT's ``TransformerConfig``; Qwen2.5-VL-only keywords such as ``vision_attn_implementation`` are
-    accepted and ignored)."""
+def build_llava_policy(hf_config: Any, *, vision_layer_spec=None,
+                       vision_config_overrides: Optional[Dict[str, Any]] = None, **kwargs: Any) -> LlavaPolicy:
+    """Build this rank's stage of a LLaVA policy at the current megatron TP/PP layout (keywords of
+    :func:`~megatron_rcpa.models.policy_base.build_decoder_policy`; ``vision_config_overrides`` go to the
+    ViT's ``TransformerConfig``; the Qwen2.5-VL-only ``vision_attn_implementation`` is accepted and
+    ignored)."""
     hf_config = llava_hf_config(hf_config)
-    dims = llava_decoder_dims(hf_config)
     vd = llava_vision_dims(hf_config)
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    if parallel_state.get_context_parallel_world_size() > 1:
-        raise ValueError("context parallelism is not supported by the LLaVA policy")
-    if padded_vocab_size is None:
-        padded_vocab_size = pad_vocab_size(dims.vocab_size, make_vocab_size_divisible_by)
-    if padded_vocab_size < dims.vocab_size:
-        raise ValueError(f"padded_vocab_size={padded_vocab_size} < vocab_size={dims.vocab_size}")
-    check_parallel_layout(dims, tp=tp, pp=pp, padded_vocab_size=padded_vocab_size)
-    check_vision_layout(vd, tp=tp)
-    dtype = parse_dtype(params_dtype)
-    config = decoder_transformer_config(dims, tp=tp, pp=pp, params_dtype=dtype,
-                                        perform_initialization=perform_initialization, **(config_overrides or {}))
-    policy = LlavaPolicy(
-        hf_config, config,
-        vision_transformer_config(vd, tp=tp, params_dtype=dtype, perform_initialization=perform_initialization,
-                                  **(vision_config_overrides or {})),
-        projection_config(vd, tp=tp, params_dtype=dtype, perform_initialization=perform_initialization),
-        padded_vocab_size=padded_vocab_size,
-        pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
-        post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
-        transformer_layer_spec=transformer_layer_spec, vision_layer_spec=vision_layer_spec,
-    )
-    if dtype != torch.float32:
-        policy.to(dtype=dtype)  # torch norms and the patch convolution are created in fp32
-    if torch.cuda.is_available():
-        policy.cuda(torch.cuda.current_device())
-    return policy
+    kwargs.pop("vision_attn_implementation", None)
+
+    def make(config, *, tp, dtype, perform_initialization, **stage: Any) -> LlavaPolicy:
+        check_vision_layout(vd, tp=tp)
+        vision = vision_transformer_config(vd, tp=tp, params_dtype=dtype, perform_initialization=perform_initialization,
+                                           **(vision_config_overrides or {}))
+        projector = projection_config(vd, tp=tp, params_dtype=dtype, perform_initialization=perform_initialization)
+        return LlavaPolicy(hf_config, config, vision, projector, vision_layer_spec=vision_layer_spec, **stage)
+
+    return build_decoder_policy(make, llava_decoder_dims(hf_config), what="LLaVA", **kwargs)

@@ -1,24 +1,106 @@
-"""What every policy shares: the megatron glue around ``self.language_model`` (a GPTModel) and the tail of
-``forward`` (padded-vocabulary masking, then logits, per-token cross entropy or a given loss).
+"""What every policy shares: the megatron glue around ``self.language_model`` (a GPTModel), the one
+``forward`` (KV cache, padding mask, image embedding, then padded-vocabulary masking and logits / per-token
+cross entropy / a given loss), the one builder (:func:`build_decoder_policy`) and the one ``forward_fn`` the
+training step runs (:func:`trainer_forward`).
 
-A policy subclass sets ``language_model``, ``vocab_size``, ``padded_vocab_size``, ``pre_process`` and
-``post_process``, and ends its ``forward`` with :meth:`DecoderPolicy._finish`.
+A policy subclass builds ``self.language_model`` with :meth:`DecoderPolicy._build_language_model` and says
+only what is its own through four hooks: :meth:`~DecoderPolicy.check_image_inputs` (which image arguments it
+takes), :meth:`~DecoderPolicy.rotary_positions` (RoPE positions 0..S-1 by default; Qwen2.5-VL's MRoPE),
+:meth:`~DecoderPolicy.embed_input` (None by default: the GPTModel embeds the tokens; the VLMs scatter image
+features in) and :meth:`~DecoderPolicy.cast_to` (what ``params_dtype`` applies to after the build).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
+from megatron_rcpa.models.decoder import (
+    DecoderDims,
+    check_parallel_layout,
+    decoder_transformer_config,
+    pad_vocab_size,
+    parse_dtype,
+)
+
+__all__ = ["PADDED_VOCAB_LOGIT", "DecoderPolicy", "build_decoder_policy", "causal_padding_mask", "trainer_forward"]
+
 # Logit given to Megatron's padded vocabulary columns: a softmax over the padded vocabulary then equals the
-# softmax over the real one (exp(-1e4) underflows to 0 in fp32 and bf16).
+# softmax over the real one (exp(-1e4) underflows to 0 in fp32 and bf16), and unlike -inf it keeps
+# ``p * log p`` (entropy) finite.
 PADDED_VOCAB_LOGIT = -1.0e4
 
 
+def causal_padding_mask(key_mask: Optional[torch.Tensor], q_len: int) -> Optional[torch.Tensor]:
+    """megatron boolean mask [B, 1, q, k] (True = masked) for the last ``q_len`` queries over the ``k`` keys
+    of ``key_mask`` [B, k] (1 = token, 0 = padding), causal.
+
+    None where the default causal mask (``q == k``) or no mask (``q == 1``) is exact.
+    """
+    if key_mask is None:
+        return None
+    key_mask = key_mask.to(torch.bool)
+    k_len = key_mask.shape[1]
+    if bool(key_mask.all()) and (q_len == k_len or q_len == 1):
+        return None
+    q_pos = torch.arange(k_len - q_len, k_len, device=key_mask.device).view(q_len, 1)
+    k_pos = torch.arange(k_len, device=key_mask.device).view(1, k_len)
+    future = (k_pos > q_pos).view(1, 1, q_len, k_len)
+    return future | ~key_mask.view(key_mask.shape[0], 1, 1, k_len)
+
+
+def trainer_forward(model: torch.nn.Module, mb: Dict[str, torch.Tensor]):
+    """``forward_fn`` for :mod:`megatron_rcpa.train.step`, for every family: ``mb["tokens"]`` [b, s], an
+    optional ``mb["attention_mask"]`` and, when the rows hold images, the vision inputs of exactly those rows
+    (``pixel_values``, and ``image_grid_thw`` for Qwen2.5-VL). Returns vocab-parallel logits [b, s, V/TP]."""
+    images = {k: mb[k] for k in ("pixel_values", "image_grid_thw") if mb.get(k) is not None}
+    return model(input_ids=mb["tokens"], attention_mask=mb.get("attention_mask"), **images)
+
+
 class DecoderPolicy(MegatronModule):
+    """One pipeline stage of a decoder policy; see the module docstring for what a family adds."""
+
+    # ------------------------------------------------------------------------------------------ build
+    def _build_language_model(self, hf_config: Any, dims: DecoderDims, config, *, padded_vocab_size: int,
+                              pre_process: bool, post_process: bool, transformer_layer_spec=None,
+                              position_embedding_type: str = "rope") -> None:
+        """The Llama / Qwen2 decoder as ``self.language_model`` (a GPTModel with RoPE, or MRoPE), and the
+        attributes the shared forward reads."""
+        from megatron.core.models.gpt import GPTModel
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
+        self.hf_config = hf_config
+        self.dims = dims
+        self.vocab_size = dims.vocab_size
+        self.padded_vocab_size = int(padded_vocab_size)
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.share_embeddings_and_output_weights = dims.tie_word_embeddings
+        rope = {"rotary_percent": 1.0} if position_embedding_type == "rope" else {}
+        self.language_model = GPTModel(
+            config=config,
+            transformer_layer_spec=transformer_layer_spec or get_gpt_layer_local_spec(normalization="RMSNorm"),
+            vocab_size=self.padded_vocab_size,
+            max_sequence_length=dims.max_position_embeddings,
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=True,
+            share_embeddings_and_output_weights=dims.tie_word_embeddings,
+            position_embedding_type=position_embedding_type,
+            rotary_base=dims.rope_theta,
+            **rope,
+        )
+
+    def cast_to(self, dtype: torch.dtype) -> None:
+        """Make the stage uniform in ``params_dtype`` after the build: the local spec's torch norms are created
+        in fp32 whatever ``params_dtype`` says (as megatron's Float16Module would)."""
+        self.language_model.to(dtype=dtype)
+
     # ------------------------------------------------------------------------------------ megatron glue
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline schedules hand the previous stage's activations in here."""
@@ -29,6 +111,32 @@ class DecoderPolicy(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
         return self.language_model.sharded_state_dict(prefix=f"{prefix}language_model.", metadata=metadata)
+
+    # ------------------------------------------------------------------------------------ family hooks
+    def check_image_inputs(self, pixel_values: Optional[torch.Tensor], image_grid_thw: Optional[torch.Tensor]) -> None:
+        """ValueError for image arguments this family does not take (a text LM takes none)."""
+        if pixel_values is not None or image_grid_thw is not None:
+            raise ValueError("a text LM policy takes no pixel_values / image_grid_thw")
+
+    def rotary_positions(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor],
+                         attention_mask: Optional[torch.Tensor], image_grid_thw: Optional[torch.Tensor],
+                         kv_cache) -> Optional[torch.Tensor]:
+        """The ``position_ids`` handed to the GPTModel. RoPE: positions are 0..S-1 per row (continuing after
+        the cached tokens), as a transformers forward without ``position_ids`` uses them; anything else given
+        is a ValueError. Returns None (the GPTModel's own positions)."""
+        if position_ids is not None:
+            batch, seq = input_ids.shape
+            start = kv_cache.seq_len if kv_cache is not None else 0
+            expected = torch.arange(start, start + seq, device=input_ids.device).expand(batch, seq)
+            if position_ids.shape != (batch, seq) or not torch.equal(position_ids.to(expected.device), expected):
+                raise ValueError("position_ids must be None or 0..S-1 per row (continuing after the KV cache): "
+                                 "RoPE positions follow the sequence")
+        return None
+
+    def embed_input(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor],
+                    image_grid_thw: Optional[torch.Tensor], *, strict: bool) -> Optional[torch.Tensor]:
+        """The decoder input [S, B, H] on the first stage, or None to let the GPTModel embed the tokens."""
+        return None
 
     # ----------------------------------------------------------------------------------------- inputs
     def _embed_with_images(self, input_ids: torch.Tensor, image_token_id: int, pixel_values: Optional[torch.Tensor],
@@ -50,6 +158,88 @@ class DecoderPolicy(MegatronModule):
         image = features(num_image_tokens).reshape(-1, emb.shape[-1])
         emb = emb.transpose(0, 1).masked_scatter(image_mask.unsqueeze(-1), image.to(emb.dtype))
         return emb.transpose(0, 1).contiguous()
+
+    @staticmethod
+    def _extend_cache_mask(kv_cache, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Append the new tokens' padding mask to the cache's; returns the mask over every cached key."""
+        batch, seq = input_ids.shape
+        if kv_cache.seq_len + seq > kv_cache.max_sequence_length:
+            raise ValueError(f"{kv_cache.seq_len} cached + {seq} new tokens exceed the KV cache's "
+                             f"max_sequence_length {kv_cache.max_sequence_length}")
+        if batch > kv_cache.max_batch_size:
+            raise ValueError(f"batch size {batch} exceeds the KV cache's max_batch_size {kv_cache.max_batch_size}")
+        new_mask = (attention_mask.to(torch.bool) if attention_mask is not None
+                    else torch.ones(batch, seq, dtype=torch.bool, device=input_ids.device))
+        if kv_cache.seq_len == 0:
+            kv_cache.attention_mask = new_mask
+        else:
+            if kv_cache.attention_mask.shape[0] != batch:
+                raise ValueError(f"decode batch size {batch} != prefill batch size {kv_cache.attention_mask.shape[0]}")
+            kv_cache.attention_mask = torch.cat([kv_cache.attention_mask, new_mask], dim=1)
+        return kv_cache.attention_mask
+
+    # ---------------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        pixel_values: Optional[torch.Tensor] = None,
+        image_grid_thw: Optional[torch.Tensor] = None,
+        *,
+        labels: Optional[torch.Tensor] = None,
+        loss_fn: Optional[Callable[[torch.Tensor], Any]] = None,
+        kv_cache=None,
+        runtime_gather_output: bool = False,
+    ):
+        """One pipeline stage of the policy.
+
+        Args:
+            input_ids: [B, S] token ids (every stage needs them: position ids are computed per stage), with
+                the family's image tokens where images go.
+            position_ids: optional; see :meth:`rotary_positions` (RoPE: must be 0..S-1; Qwen2.5-VL: [3, B, S]
+                MRoPE ids or [B, S] used for all three streams, computed from the tokens and grids if None).
+            attention_mask: optional [B, S] padding mask (1 = token, 0 = pad); None = all tokens. With
+                ``kv_cache`` it covers the new tokens only.
+            pixel_values / image_grid_thw: the family's vision inputs (first stage only; see
+                :meth:`check_image_inputs` and the family's ``embed``).
+            labels: [B, S] target ids -> returns the per-token cross entropy [B, S] (fp32).
+            loss_fn: called with the vocab-parallel logits [B, S, V/TP]; its result is returned.
+            kv_cache: a :class:`~megatron_rcpa.models.inference.KVCache`: the first call fills it with the
+                prompt (prefill), later calls take the new tokens only; positions continue after the prompt.
+                Logits come gathered over TP.
+            runtime_gather_output: gather the logits over TP (full padded vocabulary on every rank; always
+                so with ``kv_cache``).
+
+        Returns:
+            On the last stage: logits [B, S, V/TP] (padding columns = ``PADDED_VOCAB_LOGIT``), or the loss;
+            on other stages: hidden states [S, B, H] for the next stage.
+        """
+        self.check_image_inputs(pixel_values, image_grid_thw)
+        seq = input_ids.shape[1]
+        prefill = kv_cache is None or kv_cache.seq_len == 0
+        key_mask = attention_mask
+        if kv_cache is not None:
+            runtime_gather_output = True  # megatron's inference path wants gathered logits
+            key_mask = self._extend_cache_mask(kv_cache, input_ids, attention_mask)
+        position_ids = self.rotary_positions(input_ids, position_ids, attention_mask, image_grid_thw, kv_cache)
+        decoder_input = None
+        if self.pre_process:
+            decoder_input = self.embed_input(input_ids, pixel_values, image_grid_thw, strict=prefill)
+            if decoder_input is not None and self.config.sequence_parallel:
+                # GPTModel does not scatter a decoder_input it is given (untested here: SP needs TE norms).
+                decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
+        output = self.language_model(
+            input_ids=input_ids,
+            position_ids=position_ids,
+            attention_mask=causal_padding_mask(key_mask, seq),
+            decoder_input=decoder_input,
+            inference_context=kv_cache.context if kv_cache is not None else None,
+            runtime_gather_output=runtime_gather_output,
+        )
+        if kv_cache is not None:
+            kv_cache.context.sequence_len_offset += seq
+        return self._finish(output, gathered=runtime_gather_output, labels=labels, loss_fn=loss_fn)
 
     # ---------------------------------------------------------------------------------------- outputs
     def _mask_padded_vocab(self, logits: torch.Tensor, gathered: bool) -> torch.Tensor:
@@ -76,3 +266,56 @@ class DecoderPolicy(MegatronModule):
         if loss_fn is not None:
             return loss_fn(logits)
         return logits
+
+
+def build_decoder_policy(
+    make_policy: Callable[..., DecoderPolicy],
+    dims: DecoderDims,
+    *,
+    what: str,
+    params_dtype: Any = torch.float32,
+    padded_vocab_size: Optional[int] = None,
+    make_vocab_size_divisible_by: int = 128,
+    pre_process: Optional[bool] = None,
+    post_process: Optional[bool] = None,
+    perform_initialization: bool = True,
+    transformer_layer_spec=None,
+    config_overrides: Optional[Dict[str, Any]] = None,
+) -> DecoderPolicy:
+    """Build this rank's stage of a policy at the current megatron TP/PP layout; every family's builder ends
+    here.
+
+    ``megatron.core.parallel_state`` must be initialised. ``padded_vocab_size`` (take it from the checkpoint
+    metadata) defaults to the vocabulary rounded up to ``make_vocab_size_divisible_by``. With
+    ``perform_initialization=False`` the weights are left uninitialised (load a checkpoint next). The model
+    is moved to the current CUDA device when CUDA is available.
+
+    ``make_policy(config, tp=, dtype=, perform_initialization=, padded_vocab_size=, pre_process=,
+    post_process=, transformer_layer_spec=)`` constructs the family's policy from the decoder's
+    ``TransformerConfig`` (and checks/builds its own modules' configs from ``tp`` / ``dtype``); ``what``
+    names the policy in errors.
+    """
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    if parallel_state.get_context_parallel_world_size() > 1:
+        raise ValueError(f"context parallelism is not supported by the {what} policy")
+    if padded_vocab_size is None:
+        padded_vocab_size = pad_vocab_size(dims.vocab_size, make_vocab_size_divisible_by)
+    if padded_vocab_size < dims.vocab_size:
+        raise ValueError(f"padded_vocab_size={padded_vocab_size} < vocab_size={dims.vocab_size}")
+    check_parallel_layout(dims, tp=tp, pp=pp, padded_vocab_size=padded_vocab_size)
+    dtype = parse_dtype(params_dtype)
+    config = decoder_transformer_config(dims, tp=tp, pp=pp, params_dtype=dtype,
+                                        perform_initialization=perform_initialization, **(config_overrides or {}))
+    policy = make_policy(
+        config, tp=tp, dtype=dtype, perform_initialization=perform_initialization,
+        padded_vocab_size=padded_vocab_size,
+        pre_process=parallel_state.is_pipeline_first_stage() if pre_process is None else pre_process,
+        post_process=parallel_state.is_pipeline_last_stage() if post_process is None else post_process,
+        transformer_layer_spec=transformer_layer_spec,
+    )
+    if dtype != torch.float32:
+        policy.cast_to(dtype)
+    if torch.cuda.is_available():
+        policy.cuda(torch.cuda.current_device())
+    return policy

@@ -1,4 +1,5 @@
-"""Tiny random Qwen2.5-VL checkpoints built from config (no hub), for tests, demos and smoke runs.
+"""Tiny random Qwen2.5-VL, LLaVA and Llama / Qwen2 checkpoints built from config (no hub), for tests, demos and
+smoke runs (each family's record in :mod:`megatron_rcpa.models.families` points at its factory here).
 
     path = save_tiny_qwen2_5_vl("/tmp/tiny", num_key_value_heads=1, tie_word_embeddings=True)
 
@@ -15,8 +16,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-__all__ = ["perturb_norms_and_biases", "save_tiny_llava", "save_tiny_qwen2_5_vl", "tiny_llava_config",
-           "tiny_qwen2_5_vl_config"]
+__all__ = ["perturb_norms_and_biases", "save_tiny_llava", "save_tiny_qwen2_5_vl", "save_tiny_text_lm",
+           "tiny_llava_config", "tiny_qwen2_5_vl_config", "tiny_text_lm_config"]
 
 # What Qwen2VLImageProcessor.save_pretrained writes (written by hand: that class needs PIL or torchvision).
 _PREPROCESSOR = {
@@ -164,4 +165,41 @@ def save_tiny_llava(path: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
         if config.image_token_id == config.text_config.vocab_size - 1:  # the default layout: "<image>" last
             _save_tokenizer(path, config.text_config.vocab_size, specials=("</s>", "<pad>", "<image>"), eos="</s>",
                             pad="<pad>", chat_template=False)
+    return path
+
+
+# ------------------------------------------------------------------------------------- Llama / Qwen2 text LMs
+def tiny_text_lm_config(model_type: str, *, vocab_size: int = 301, hidden_size: int = 64,
+                        intermediate_size: int = 128, num_layers: int = 2, num_attention_heads: int = 4,
+                        num_key_value_heads: int = 2, max_position_embeddings: int = 256,
+                        tie_word_embeddings: bool = False, **overrides: Any):
+    """A LlamaConfig (``model_type="llama"``) or Qwen2Config (``"qwen2"``) with tiny sizes."""
+    import transformers
+
+    classes = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+    if model_type not in classes:
+        raise ValueError(f"tiny_text_lm_config: model_type={model_type!r}, expected one of {sorted(classes)}")
+    kwargs = dict(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+                  num_hidden_layers=num_layers, num_attention_heads=num_attention_heads,
+                  num_key_value_heads=num_key_value_heads, max_position_embeddings=max_position_embeddings,
+                  tie_word_embeddings=tie_word_embeddings)
+    kwargs.update(overrides)
+    return classes[model_type](**kwargs)
+
+
+def save_tiny_text_lm(path: str, model_type: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
+                      **config_kwargs: Any) -> str:
+    """Build a random tiny Llama / Qwen2 causal LM (norms and biases made non-trivial) and save it (safetensors,
+    no tokenizer) under ``path``. Defaults: RMSNorm eps 1e-6, RoPE theta 1e4 (Llama) / 1e6 (Qwen2)."""
+    import transformers
+
+    config_kwargs.setdefault("rms_norm_eps", 1e-6)
+    config_kwargs.setdefault("rope_parameters", {"rope_type": "default",
+                                                 "rope_theta": 10000.0 if model_type == "llama" else 1.0e6})
+    config = tiny_text_lm_config(model_type, **config_kwargs)
+    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}[model_type]
+    torch.manual_seed(seed)
+    model = model_cls(config).to(dtype).eval()
+    perturb_norms_and_biases(model)
+    model.save_pretrained(path)
     return path

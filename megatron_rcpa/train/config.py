@@ -24,6 +24,7 @@ from megatron_rcpa.data.image_size import (
     OVERSIZE_MODES,
     check_pixel_limits,
 )
+from megatron_rcpa.models import families as model_families
 from megatron_rcpa.train.stop import check_signal_names
 
 
@@ -83,14 +84,14 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    family: str = "qwen2_5_vl"  # qwen2_5_vl | llava | llama | qwen2 (text; a checkpoint's must match) | gpt (profiler)
+    family: str = "qwen2_5_vl"  # a registered family (models/families): qwen2_5_vl | llava | llama | qwen2
     checkpoint: Optional[str] = None  # a converted megatron checkpoint (tools/convert_hf_to_megatron.py)
     tiny: bool = False  # build a tiny random model from the family's tiny config (demos, tests)
     dtype: str = "fp32"  # fp32 | bf16
     reference_checkpoint: Optional[str] = None  # frozen reference; default = the initial policy
 
     def __post_init__(self) -> None:
-        _check_choice("model", "family", self.family, ("qwen2_5_vl", "llava", "llama", "qwen2", "gpt"))
+        _check_choice("model", "family", self.family, tuple(model_families.names()))
         _check_choice("model", "dtype", self.dtype, ("fp32", "bf16"))
         if self.tiny and self.checkpoint:
             raise ValueError(f"model.tiny = true and model.checkpoint = {self.checkpoint!r} exclude each other: "

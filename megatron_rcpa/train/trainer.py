@@ -57,23 +57,16 @@ def init_parallel(cfg: TrainConfig):
 
 def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: bool = True, **build_kwargs: Any):
     """This rank's policy stage: the checkpoint's weights (``load=False``: its architecture with megatron's
-    random init), or (``model.tiny``) weights drawn per tensor from its global name, the same at every TP/PP
-    layout. ``build_kwargs`` go to the family's builder (e.g. the profiler's ``transformer_layer_spec``)."""
-    from megatron_rcpa.convert.families import family_by_name
+    random init), or (``model.tiny``) weights the family draws per tensor from its global name, the same at
+    every TP/PP layout. ``build_kwargs`` go to the family's builder (e.g. the profiler's
+    ``transformer_layer_spec``)."""
+    from megatron_rcpa.models import families
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
     if cfg.model.tiny:
-        from megatron_rcpa.runtime.weights import init_global_weights, init_replicated_by_name
-
-        policy = family_by_name(cfg.model.family).build_policy(hf_config, params_dtype=dtype, **build_kwargs)
-        # (megatron's own CPU init is not PP-invariant, and tied embedding copies must start equal)
-        seed = cfg.run.seed + seed_offset
-        init_global_weights(policy.language_model, seed=seed)
-        if cfg.model.family == "llava" and policy.vision_model is not None:  # megatron modules, TP-sharded
-            init_global_weights(policy.vision_model, seed=seed + 1)
-            init_global_weights(policy.vision_projection, seed=seed + 2)
-        elif policy.vision_model is not None:  # the HF tower, replicated
-            init_replicated_by_name(policy.vision_model, seed, policy.config.init_method_std)
+        family = families.get(cfg.model.family)
+        policy = family.build_policy(hf_config, params_dtype=dtype, **build_kwargs)
+        family.init_tiny_weights(policy, cfg.run.seed + seed_offset)
         return policy
     from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint
 
@@ -142,6 +135,8 @@ def build_step_context(cfg: TrainConfig, groups, tok, hf_config, family, *, stop
     )
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    from megatron_rcpa.models.policy_base import trainer_forward  # one forward for every family
+
     check_batch_layout(cfg, groups.dp_size)
     policy = build_policy(cfg, hf_config, **(policy_kwargs or {}))
     model = DistributedDataParallel(policy.config, DistributedDataParallelConfig(
@@ -173,7 +168,7 @@ def build_step_context(cfg: TrainConfig, groups, tok, hf_config, family, *, stop
     kernels = cfg.run.kernels
     impl = ("triton" if torch.cuda.is_available() else "torch") if kernels == "auto" else kernels
     return StepContext(cfg=cfg, groups=groups, model=model, optimizer=optimizer, engine=engine,
-                       curriculum=Curriculum(cfg.rcpa.curriculum), forward_fn=family.forward_fn,
+                       curriculum=Curriculum(cfg.rcpa.curriculum), forward_fn=trainer_forward,
                        micro_batch_inputs=family.micro_batch_inputs, vocab_size=policy.vocab_size,
                        pad_id=tok.pad_token_id, impl=impl, reference=reference)
 

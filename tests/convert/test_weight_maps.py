@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_rcpa.convert.families import QWEN2_5_VL
 from megatron_rcpa.convert.weight_maps import (
     Kind,
     LayerLayout,
@@ -17,6 +16,7 @@ from megatron_rcpa.convert.weight_maps import (
     to_hf_tensors,
     to_megatron_shard,
 )
+from megatron_rcpa.models.families.qwen2_5_vl import QWEN2_5_VL
 
 LAYOUTS = [  # heads, kv heads, head dim
     (8, 2, 4), (8, 1, 4), (8, 8, 2), (4, 4, 3),

@@ -58,4 +58,4 @@ def test_every_example_config_loads(path):
     from megatron_rcpa.train.config import load_config
 
     cfg = load_config(path, [])
-    assert cfg.model.family in ("qwen2_5_vl", "llava", "llama", "qwen2", "gpt")
+    assert cfg.model.family in ("qwen2_5_vl", "llava", "llama", "qwen2")
