@@ -87,6 +87,8 @@ class ModelConfig:
     family: str = "qwen2_5_vl"  # a registered family (models/families): qwen2_5_vl | llava | llama | qwen2
     checkpoint: Optional[str] = None  # a converted megatron checkpoint (tools/convert_hf_to_megatron.py)
     tiny: bool = False  # build a tiny random model from the family's tiny config (demos, tests)
+    freeze_vision: bool = False  # VLMs: train the language model (and projector) only; the vision tower is frozen
+    freeze_projector: bool = False  # VLMs: freeze the vision-to-language projector (Qwen2.5-VL: the merger) too
     dtype: str = "fp32"  # fp32 | bf16
     reference_checkpoint: Optional[str] = None  # frozen reference; default = the initial policy
 
@@ -357,6 +359,12 @@ def check_runnable(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
         raise ValueError(f"parallel.tp x parallel.pp = {tp} x {pp} = {tp * pp} does not divide the world size "
                          f"{world_size} (WORLD_SIZE; launch with torchrun --nproc_per_node {tp * pp} or a multiple)")
     from megatron_rcpa.train.phases import check_batch_layout
+
+    groups = {g for g, _ in model_families.get(cfg.model.family).param_groups}
+    for group, on in (("vision", cfg.model.freeze_vision), ("projector", cfg.model.freeze_projector)):
+        if on and group not in groups:
+            raise ValueError(f"model.freeze_{group} = true but model.family = {cfg.model.family!r} has no {group} "
+                             f"parameters (freezable groups: {sorted(groups) or 'none'})")
 
     check_batch_layout(cfg, world_size // (tp * pp))  # the global batch splits over data parallel
     if cfg.model.family in TEXT_FAMILIES:

@@ -74,6 +74,29 @@ def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: boo
     return policy
 
 
+def freeze_groups(policy: torch.nn.Module, cfg: TrainConfig) -> int:
+    """``model.freeze_vision`` / ``model.freeze_projector``: stop the gradients of the family's vision tower /
+    projector parameters on this rank (before DDP and the optimizer are built, so they get no buffers and no
+    optimizer state). Returns the number of frozen parameters here (0 on stages without them)."""
+    from megatron_rcpa.models import families
+
+    wanted = {g for g, on in (("vision", cfg.model.freeze_vision), ("projector", cfg.model.freeze_projector)) if on}
+    if not wanted:
+        return 0
+    family = families.get(cfg.model.family)
+    known = {g for g, _ in family.param_groups}
+    missing = sorted(wanted - known)
+    if missing:
+        raise ValueError(f"model.freeze_{missing[0]} = true but model.family = {cfg.model.family!r} has no "
+                         f"{missing[0]} parameters (freezable groups: {sorted(known) or 'none'})")
+    n = 0
+    for name, p in policy.named_parameters():
+        if family.param_group(name) in wanted:
+            p.requires_grad_(False)
+            n += 1
+    return n
+
+
 def reference_sets(dataset) -> List[List[str]]:
     """Every sample's references (all of them where a row gives several), without decoding images."""
     if hasattr(dataset, "reference_sets"):
@@ -139,6 +162,7 @@ def build_step_context(cfg: TrainConfig, groups, tok, hf_config, family, *, stop
 
     check_batch_layout(cfg, groups.dp_size)
     policy = build_policy(cfg, hf_config, **(policy_kwargs or {}))
+    freeze_groups(policy, cfg)
     model = DistributedDataParallel(policy.config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.distributed_optimizer), policy)
     optimizer = get_megatron_optimizer(OptimizerConfig(

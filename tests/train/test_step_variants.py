@@ -85,3 +85,43 @@ def test_sft_mode_imitates_the_reference_without_rollouts():
     for h in history:
         assert h["loss"] == pytest.approx(h["imit_nll"], rel=1e-5)  # lambda = 1, nothing generated
         assert h["gen_tokens"] == 0 and h["seq_tokens"] > 0
+
+
+def freeze_worker(family: str) -> dict:
+    import torch
+
+    from megatron_rcpa.train.config import load_config
+    from megatron_rcpa.train.trainer import Trainer
+
+    cfg = load_config("examples/configs/tiny_cpu.yaml", [
+        f"model.family={family}", "model.freeze_vision=true", "run.steps=1", "run.save_interval=0",
+        "run.resume=never", "run.progress_bar=false", "logging.tensorboard=false", "data.prompts_per_step=2",
+        "rcpa.group_size=2", "optim.micro_batch_size=4", "run.val_before_train=false",
+        "run.output_dir=/tmp/unused-freeze"])
+    trainer = Trainer(cfg)
+    policy = trainer.model.module
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    trainer.train_one_step()
+    changed = {n: not torch.equal(before[n], p.detach()) for n, p in policy.named_parameters()}
+    return {"changed": changed, "trainable": {n: p.requires_grad for n, p in policy.named_parameters()}}
+
+
+@pytest.mark.multiproc
+@pytest.mark.megatron
+@pytest.mark.parametrize("family, vision, projector", [("qwen2_5_vl", "vision_model.blocks", "vision_model.merger"),
+                                                       ("llava", "vision_model.", "vision_projection.")])
+def test_freeze_vision_trains_the_language_model_only(family, vision, projector):
+    out = run_distributed(freeze_worker, args=(family,), world_size=1, timeout=300)[0]
+    frozen = [n for n in out["changed"] if n.startswith(vision)]
+    assert frozen and not any(out["changed"][n] or out["trainable"][n] for n in frozen)
+    assert any(out["changed"][n] for n in out["changed"] if n.startswith("language_model."))
+    assert all(out["trainable"][n] for n in out["changed"] if n.startswith(projector))
+
+
+def test_freezing_a_text_model_is_a_config_error():
+    from megatron_rcpa.train.config import check_runnable, load_config
+
+    cfg = load_config(None, ["model.family=llama", "model.tiny=true", "model.freeze_vision=true",
+                             "data.prompts_per_step=2", "rcpa.group_size=2", "optim.micro_batch_size=2"])
+    with pytest.raises(ValueError, match="model.freeze_vision = true but model.family = 'llama' has no vision"):
+        check_runnable(cfg, world_size=1)

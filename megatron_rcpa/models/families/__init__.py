@@ -69,6 +69,16 @@ class Family:
     save_tiny_hf: Optional[Callable[..., str]] = None
     #: (policy, seed) -> draw a tiny policy's weights per tensor from its global name (layout-invariant).
     init_tiny_weights: Optional[Callable[[torch.nn.Module, int], None]] = None
+    #: Parameter groups a run may freeze (``model.freeze_vision`` / ``freeze_projector``): (group, name
+    #: prefixes on the policy); a parameter belongs to the first group whose prefix it starts with.
+    param_groups: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+
+    def param_group(self, name: str) -> Optional[str]:
+        """The freezable group of the policy parameter ``name`` (None: the language model)."""
+        for group, prefixes in self.param_groups:
+            if any(name.startswith(p) for p in prefixes):
+                return group
+        return None
 
     # ------------------------------------------------------------------------------------------ policy
     def build_policy(self, hf_config: Any, **kwargs: Any):

@@ -155,4 +155,5 @@ LLAVA = register(Family(
     tiny_config=_tiny_config,
     save_tiny_hf=_save_tiny_hf,
     init_tiny_weights=_init_tiny_weights,
+    param_groups=(("projector", ("vision_projection.",)), ("vision", ("vision_model.",))),
 ))

@@ -114,4 +114,5 @@ QWEN2_5_VL = register(Family(
     tiny_config=_tiny_config,
     save_tiny_hf=_save_tiny_hf,
     init_tiny_weights=_init_tiny_weights,
+    param_groups=(("projector", ("vision_model.merger.",)), ("vision", ("vision_model.",))),
 ))
