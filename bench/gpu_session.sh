@@ -11,6 +11,8 @@
 #                          YAML configs) into DIR; runs on a CPU (tests/bench/test_gpu_session.py does)
 #     --fp8                also run the optional FP8 section (off by default; see below)
 #     --budget S           total seconds for the items (default 480; GPU_SESSION_BUDGET_S)
+#     --no-setup           skip the wheel install and the GPU check (items then run where they are: a CPU test of
+#                          the runner itself, with --only; card name CARD, default "nosetup")
 #
 # Items, in order of value (each under `timeout`; a failure never stops the run; an item that no longer fits the
 # remaining budget is skipped and recorded so):
@@ -20,7 +22,7 @@
 #                         16 heads / 8 KV groups, vocab 151936 untied, 1.74B) as architecture-only checkpoints,
 #                         each with a synthetic word-level tokenizer holding Qwen's special tokens at Qwen's ids
 #                         (the device has no network; the profile's prompts are random words anyway)
-#   ops_pytest            tests/ops compiled on the GPU (TRITON_INTERPRET unset; test_compile runs _compile_sm90.py)
+#   ops_pytest            tests/ops compiled on the GPU (TRITON_INTERPRET unset; test_compile.py runs tests/ops/_compile_sm90.py)
 #   bench_rollout         bench/bench_rollout.py: old vs static-shape decode, weight-read floor, graph checks
 #   rollout_graph_checks  bench_rollout's graph_checks all true (captured step == eager step: tokens, generator)
 #   profile_vl            tools/profile_throughput.py (the trainer's phases) on the 2.2B Qwen2.5-VL architecture,
@@ -39,8 +41,9 @@
 # Copy them into bench/results/ (bench/README.md, "Running the pending GPU work").
 set -uo pipefail
 
-usage() { sed -n 2,14p "$0"; }
+usage() { sed -n 2,16p "$0"; }
 DRY_RUN=0
+SETUP=1
 ONLY=""
 PREPARE_DIR=""
 FP8=${RUN_FP8:-0}
@@ -51,6 +54,7 @@ while [ $# -gt 0 ]; do
     --only) ONLY=${2:?--only needs a comma list of items}; shift ;;
     --prepare-only) PREPARE_DIR=${2:?--prepare-only needs a folder}; shift ;;
     --fp8) FP8=1 ;;
+    --no-setup) SETUP=0 ;;
     --budget) BUDGET_S=${2:?--budget needs seconds}; shift ;;
     -h|--help) usage; exit 0 ;;
     *) echo "gpu_session.sh: unknown argument '$1'" >&2; usage >&2; exit 2 ;;
@@ -64,6 +68,11 @@ cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 ALL_ITEMS=(env prepare ops_pytest bench_rollout rollout_graph_checks profile_vl profile_anchor static_decode_pytest
            bench_logprob fp8_gemm)
+if [ -n "$ONLY" ]; then
+  for it in ${ONLY//,/ }; do
+    case " ${ALL_ITEMS[*]} " in *" $it "*) ;; *) echo "gpu_session.sh: --only names '$it'; items: ${ALL_ITEMS[*]}" >&2; exit 2 ;; esac
+  done
+fi
 
 # ------------------------------------------------------------------------------------------ profile inputs
 # Writes DIR/arch_vl (2.2B Qwen2.5-VL), DIR/anchor (1.74B qwen2), each with hf_assets/ (tokenizer), and
@@ -161,6 +170,9 @@ fi
 if [ "$DRY_RUN" = 1 ]; then
   CARD=${CARD:-DRYRUN}
   OUT=${OUT:-$(mktemp -d /tmp/gpu_session_dry.XXXXXX)}
+elif [ "$SETUP" = 0 ]; then
+  CARD=${CARD:-nosetup}
+  OUT=${OUT:-$ROOT/bench/results/local}
 else
   if ! ls .whl/*.whl >/dev/null 2>&1; then
     echo "gpu_session.sh: no wheels in .whl/ (megatron-core is not on the device): run bash bench/fetch_gpu_wheels.sh" \
@@ -183,7 +195,7 @@ export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/triton-cache}
 unset TRITON_INTERPRET
 mkdir -p "$OUT"
 # everything is written under W; $OUT gets 8 files at the end
-if [ "$DRY_RUN" = 1 ]; then W=$(mktemp -d /tmp/gpu_session_dry_work.XXXXXX); else W=${GPU_SESSION_WORK:-/tmp/gpu_session_work}; fi
+if [ "$DRY_RUN" = 1 ] || [ "$SETUP" = 0 ]; then W=$(mktemp -d /tmp/gpu_session_work.XXXXXX); else W=${GPU_SESSION_WORK:-/tmp/gpu_session_work}; fi
 rm -rf "$W" && mkdir -p "$W/logs" "$W/files" "$W/cmds"
 PREP="$W/prep"
 LOG="$W/files/gpu_session_$CARD.log"
@@ -196,11 +208,6 @@ selected() {  # is item $1 to run?
   if [ "$1" = rollout_graph_checks ]; then case ",$ONLY," in *,bench_rollout,*) return 0 ;; esac; fi
   return 1
 }
-if [ -n "$ONLY" ]; then
-  for it in ${ONLY//,/ }; do
-    case " ${ALL_ITEMS[*]} " in *" $it "*) ;; *) echo "gpu_session.sh: --only names '$it'; items: ${ALL_ITEMS[*]}" >&2; exit 2 ;; esac
-  done
-fi
 
 START=$(date +%s)
 RESERVE_S=15      # kept back for packing the results
@@ -358,5 +365,5 @@ sync
 cp "$LOG" "$OUT/gpu_session_$CARD.log"
 tar -czf "$OUT/gpu_session_$CARD.tar.gz" -C "$W" files logs prep/profile_vl.yaml prep/profile_anchor.yaml 2>/dev/null
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
-[ "$DRY_RUN" = 1 ] && rm -rf "$W"
+if [ "$DRY_RUN" = 1 ] || [ "$SETUP" = 0 ]; then rm -rf "$W"; fi
 exit 0
