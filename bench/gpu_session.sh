@@ -29,7 +29,8 @@
 #                         the settings of bench/results/profile_qwen2_5_vl_1.5b_bf16_H200.json, bf16
 #   profile_anchor        the same on the anchor: 16 rollouts of 1920 prompt + 128 new tokens = 2048, micro-batch 4
 #   static_decode_pytest  tests/rollout/test_static_decode.py on CUDA (the TP=2 test needs 2 GPUs: deselected)
-#   bench_logprob         bench/bench_logprob.py (fused log-prob / RCPA loss kernels vs torch, megatron, Liger)
+#   bench_logprob         bench/bench_logprob.py --no-compile (fused log-prob / RCPA loss kernels vs torch eager,
+#                         megatron, Liger; the torch.compile rows of results/ stay: compiling takes a minute)
 #   fp8_gemm              OPTIONAL (--fp8): bf16 vs FP8 (torch._scaled_mm, rowwise scales) GEMM-only ratio at
 #                         hidden 4096/8192 shapes. The FP8 training profile waits for issue 17's torchao backend.
 #
@@ -209,6 +210,16 @@ selected() {  # is item $1 to run?
   return 1
 }
 
+# $OUT gets at most 8 files: these 6, the console log and (at the end) one archive of everything. publish runs after
+# every item, so that a call cut short still brings back what was done.
+KEEP=(gpu_session_summary_$CARD.json pytest_ops_$CARD.txt bench_rollout_$CARD.json
+      profile_qwen2_5_vl_1.5b_bf16_$CARD.json profile_anchor_1_75b_bf16_$CARD.json bench_logprob_$CARD.json)
+publish() {
+  local f
+  for f in "${KEEP[@]}"; do if [ -f "$W/files/$f" ]; then cp "$W/files/$f" "$OUT/"; fi; done
+  cp "$LOG" "$OUT/gpu_session_$CARD.log"
+}
+
 START=$(date +%s)
 RESERVE_S=15      # kept back for packing the results
 MIN_ITEM_S=20     # an item that would get less than this is skipped
@@ -243,6 +254,7 @@ run_item() {
   case $rc in 0) status=passed ;; 124|137) status=timed_out ;; *) status=failed ;; esac
   echo "=== $name: $status (exit $rc, ${secs}s)"
   printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$rc" "$status" "$secs" "$limit" >> "$RECORDS"
+  publish
 }
 
 # ------------------------------------------------------------------------------------------ the items
@@ -276,7 +288,7 @@ cp $W/profile_anchor/profile_throughput.png $W/files/profile_anchor_1_75b_bf16_$
 run_item static_decode_pytest 150 "$PY -m pytest -q -ra -p no:cacheprovider tests/rollout/test_static_decode.py -k 'not tp2' \
 2>&1 | tee $W/files/pytest_static_decode_$CARD.txt"
 
-run_item bench_logprob 120 "$PY bench/bench_logprob.py --out $W/logprob 2>&1 | tee $W/files/bench_logprob_$CARD.log; \
+run_item bench_logprob 120 "$PY bench/bench_logprob.py --no-compile --out $W/logprob 2>&1 | tee $W/files/bench_logprob_$CARD.log; \
 rc=\${PIPESTATUS[0]}; cp $W/logprob/bench_logprob.json $W/files/bench_logprob_$CARD.json; exit \$rc"
 
 # OPTIONAL (--fp8 / RUN_FP8=1). Issue 17 item 4 (FP8 through torchao) is not integrated yet; when it is, add its
@@ -356,13 +368,8 @@ for key in ("profile_vl", "profile_anchor"):
 print(json.dumps({"summary": path, "passed": summary["passed"], "not_passed": summary["not_passed"]}))
 PY
 
-# $OUT gets at most 8 files: the 7 most useful and one archive of everything.
-KEEP=(gpu_session_summary_$CARD.json pytest_ops_$CARD.txt bench_rollout_$CARD.json
-      profile_qwen2_5_vl_1.5b_bf16_$CARD.json profile_anchor_1_75b_bf16_$CARD.json bench_logprob_$CARD.json)
-for f in "${KEEP[@]}"; do [ -f "$W/files/$f" ] && cp "$W/files/$f" "$OUT/"; done
+publish
 cp "$W/logs/"*.log "$W/files/" 2>/dev/null
-sync
-cp "$LOG" "$OUT/gpu_session_$CARD.log"
 tar -czf "$OUT/gpu_session_$CARD.tar.gz" -C "$W" files logs prep/profile_vl.yaml prep/profile_anchor.yaml 2>/dev/null
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 if [ "$DRY_RUN" = 1 ] || [ "$SETUP" = 0 ]; then rm -rf "$W"; fi
