@@ -5,8 +5,9 @@
 * the module vs ``DotProductAttention`` itself (one spawn): fp32 outputs and gradients to 1e-5, bf16 against
   an fp32 reference (SDPA no worse than megatron's own bf16 path), scale / layer scaling, dropout, refusals;
 * whole policies (Qwen2.5-VL, Llama text, LLaVA) built with both specs: identical parameter names, logits
-  (plain and left-padded) within 1e-5 in fp32 and identical KV-cache greedy decoding, at TP1 (all families,
-  one spawn), TP2 (LLaVA: sharded ViT) and PP2 (Qwen2.5-VL);
+  (plain and left-padded) and parameter gradients of the masked per-token loss within 1e-5 (relative to the
+  largest value when above 1) in fp32, and identical KV-cache greedy decoding, at TP1 (all families, one
+  spawn), TP2 (LLaVA: sharded ViT) and PP2 (Qwen2.5-VL, through the pipeline schedule);
 * the spec helpers, and the Qwen2.5-VL HF vision tower with ``attn_implementation="sdpa"`` vs "eager" on CPU.
 """
 
@@ -214,7 +215,7 @@ def _run_pair(case):
     if mask is not None:
         weight = weight * _live_rows(mask)[:, 0].T.unsqueeze(-1)
     for module, m in ((ours, mask), (theirs, case.get("megatron_mask", mask))):
-        q, k, v = (t.to(dtype).requires_grad_() for t in base)
+        q, k, v = (t.detach().clone().to(dtype).requires_grad_() for t in base)
         o = module(q, k, v, m, attn_mask_type=forward_type)
         (o.float() * weight).sum().backward()
         out.append(o.detach().float())
@@ -317,6 +318,9 @@ def test_module_matches_dot_product_attention(module_results):
             theirs = (res["theirs"] - res["ref"]).abs().max().item()
             assert ours <= max(2 * theirs, 1e-2), (name, ours, theirs)
             assert (res["ours"] - res["theirs"]).abs().max().item() <= 3e-2, name
+            for g_ours, g_theirs in zip(*res["grads"]):  # bf16 gradients: a few bf16 ulps of their scale
+                scale = max(1.0, g_theirs.abs().max().item())
+                assert (g_ours - g_theirs).abs().max().item() <= 6e-2 * scale, name
             continue
         assert (res["ours"] - res["theirs"]).abs().max().item() <= FP32_TOL, name
         for g_ours, g_theirs in zip(*res["grads"]):
@@ -391,6 +395,13 @@ def policy_worker(jobs):
                                                      attention_mask=batch["attention_mask"], return_logits=True,
                                                      **extra),
                 }
+            # the training path: gradients of the per-token loss of the real (unpadded) tokens
+            labels = torch.randint(0, 290, batch["input_ids"].shape, generator=torch.Generator().manual_seed(7))
+            policy.zero_grad()
+            loss = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                          **extra)
+            (loss * batch["attention_mask"]).sum().backward()
+            res[tag]["grads"] = {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
         out[family] = res
     return out
 
@@ -454,6 +465,11 @@ def _check_family(res, *, logits=True):
     if ours["masked"] is not None:
         scale = max(1.0, theirs["masked"].abs().max().item())
         assert (ours["masked"] - theirs["masked"])[live].abs().max().item() <= FP32_TOL * scale
+    if "grads" in ours:
+        assert sorted(ours["grads"]) == sorted(theirs["grads"]) and ours["grads"]
+        for name, grad in theirs["grads"].items():
+            scale = max(1.0, grad.abs().max().item())
+            assert (ours["grads"][name] - grad).abs().max().item() <= FP32_TOL * scale, name
     for key in ("decode", "masked_decode"):
         if key not in ours:
             continue
