@@ -349,8 +349,8 @@ def _text_config():
 
 
 def _build_pair(family, hf_config, std=0.05):
-    """(sdpa policy, megatron policy) with the same weights; and the parameter/state-dict names of both and of
-    the default build."""
+    """(sdpa policy, megatron policy) with the same weights; and the state-dict, parameter and sharded-state-dict
+    (checkpoint) names of both and of the default build."""
     from megatron_rcpa.convert.families import family_by_name
     from megatron_rcpa.models.attention import policy_attention_kwargs
     from megatron_rcpa.runtime.weights import init_global_weights
@@ -362,7 +362,7 @@ def _build_pair(family, hf_config, std=0.05):
         init_global_weights(ours.vision_model, seed=12, std=std)
     theirs = fam.build_policy(hf_config, **policy_attention_kwargs(family, "megatron"))
     default = fam.build_policy(hf_config)
-    names = {name: (list(m.state_dict()), [n for n, _ in m.named_parameters()])
+    names = {name: (list(m.state_dict()), [n for n, _ in m.named_parameters()], sorted(m.sharded_state_dict()))
              for name, m in (("sdpa", ours), ("megatron", theirs), ("default", default))}
     theirs.load_state_dict(ours.state_dict())
     for m in (ours, theirs):
