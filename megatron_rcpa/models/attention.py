@@ -5,7 +5,8 @@ same constructor, same ``forward(query, key, value, attention_mask, attn_mask_ty
 packed_seq_params=)``, same layouts (``[sq, b, np, hn]`` queries, ``[sk, b, ng, hn]`` keys/values, output
 ``[sq, b, np * hn]``), no parameters (state-dict keys of a model do not change when it is swapped in). On a GPU
 SDPA picks the flash kernel (no explicit mask: causal or no mask) or the memory-efficient kernel (a mask); on a
-CPU the fused CPU flash kernel or the math path. Nothing of size ``[b, np, sq, sk]`` is materialised by us.
+CPU the fused CPU flash kernel or the math path. No scores/probabilities ``[b, np, sq, sk]`` are materialised
+(the grouped GQA view repeats only the boolean mask, ``np // ng`` times).
 
 Semantics, as ``DotProductAttention``'s:
 
@@ -24,7 +25,9 @@ Semantics, as ``DotProductAttention``'s:
 * Dropout (``attention_dropout`` or the config's) in training only, through SDPA's ``dropout_p``, inside
   megatron's model-parallel RNG tracker as ``DotProductAttention`` does (without sequence parallelism).
 * GQA: ``enable_gqa=True`` (torch >= 2.5; keys/values are not repeated), else a grouped view that folds the
-  ``np // ng`` query heads of a group into the query length (the mask is repeated, the keys are not).
+  ``np // ng`` query heads of a group into the query length (the mask is repeated, the keys are not). With a
+  mask on CUDA, where torch says its memory-efficient kernel does not take ``enable_gqa`` (it would then run
+  the unfused math path), the grouped view is used too.
 
 Numerics. Megatron's unfused path computes the scores in the input dtype, upcasts them to fp32 for the softmax
 (``attention_softmax_in_fp32``) and casts the probabilities back before ``P @ V``. SDPA's flash / efficient /
@@ -85,6 +88,19 @@ def _bottom_right_causal(sq: int, sk: int, device: torch.device) -> torch.Tensor
     return torch.ones(sq, sk, dtype=torch.bool, device=device).tril(diagonal=sk - sq)
 
 
+def _grouped_for_masked_gqa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attend: torch.Tensor,
+                            dropout_p: float) -> bool:
+    """With a mask only the memory-efficient kernel (not flash) is fused; some torch builds do not accept GQA
+    (``enable_gqa``) there and would run the unfused math path. On CUDA, ask torch whether the efficient
+    kernel takes these GQA inputs; if not, use the grouped view (plain MHA shapes, which it takes)."""
+    if not query.is_cuda:
+        return False
+    from torch.backends.cuda import SDPAParams, can_use_efficient_attention
+
+    q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+    return not can_use_efficient_attention(SDPAParams(q, k, v, attend, dropout_p, False, True), False)
+
+
 def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                    attention_mask: Optional[torch.Tensor] = None, *, causal: bool, scale: float,
                    dropout_p: float = 0.0, gqa: str = "auto") -> torch.Tensor:
@@ -98,7 +114,8 @@ def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
         causal: without a mask, mask causally (bottom-right aligned when sq < sk; nothing to mask when sq == 1).
         scale: the softmax scale applied to ``q . k``.
         dropout_p: attention-probability dropout (pass 0 outside training).
-        gqa: "auto" (``enable_gqa`` on torch >= 2.5, else the grouped view), "native" or "grouped".
+        gqa: "auto" (``enable_gqa`` on torch >= 2.5, else the grouped view; with a mask on CUDA the grouped
+            view where the efficient kernel does not take ``enable_gqa``), "native" or "grouped".
 
     Returns:
         [sq, b, np * hv] in the input dtype.
@@ -136,6 +153,8 @@ def sdpa_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                              f"[b, np, sq, sk] = {[b, np_, sq, sk]}") from None
         # A row that sees no key attends to all of them (see the module docstring): no NaN, no branch.
         attend = ~attention_mask | attention_mask.all(dim=-1, keepdim=True)
+        if rep > 1 and gqa == "auto" and not grouped:
+            grouped = _grouped_for_masked_gqa(query, key, value, attend, dropout_p)
     elif causal and sq > 1:
         if sq > sk:
             raise ValueError(f"causal attention with more queries ({sq}) than keys ({sk}) and no attention_mask")

@@ -131,6 +131,31 @@ def test_function_gradients_and_refusals():
                        scale=scale)
 
 
+def test_masked_gqa_switches_to_grouped_view_when_the_efficient_kernel_refuses(monkeypatch):
+    """With a mask on CUDA, GQA goes through the grouped view where torch's efficient kernel does not take
+    enable_gqa (decided by ``_grouped_for_masked_gqa``: never on CPU); both routes give megatron's result."""
+    import megatron_rcpa.models.attention as attention
+
+    q, k, v = _qkv(6, 6, 2, 4, 2, 8, seed=6)
+    mask = _padding_mask(6, 6, 2, [0, 2])
+    assert attention._grouped_for_masked_gqa(q, k, v, ~mask, 0.0) is False  # CPU tensors
+    ref = megatron_reference(q, k, v, mask, causal=True, scale=0.3)
+    live = _live_rows(mask)[:, 0].T
+    calls = []
+
+    def refuse(*args):
+        calls.append(args[0].shape)
+        return True
+
+    monkeypatch.setattr(attention, "_grouped_for_masked_gqa", refuse)
+    got = attention.sdpa_attention(q, k, v, mask, causal=True, scale=0.3)
+    assert calls == [q.shape]
+    assert (got - ref)[live].abs().max().item() <= FP32_TOL
+    attention.sdpa_attention(q, k, v, None, causal=True, scale=0.3)  # no mask: flash takes GQA, no question
+    attention.sdpa_attention(q, k[:, :, :1].repeat(1, 1, 2, 1), v, mask, causal=True, scale=0.3, gqa="native")
+    assert len(calls) == 1
+
+
 def test_specs_swap_only_the_core_attention():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
     from megatron.core.transformer.enums import AttnMaskType
