@@ -312,11 +312,14 @@ def vit_layer_spec(attention: str = "sdpa"):
 
 def policy_attention_kwargs(family: str, attention: str = "sdpa") -> Dict[str, Any]:
     """Builder keywords that give a policy family ``attention``'s core attention: ``transformer_layer_spec``
-    for every family, plus ``vision_layer_spec`` for "llava" (its megatron ViT). The Qwen2.5-VL vision tower is
-    HF code: its attention follows ``vision_attn_implementation`` (default "sdpa"), not these keywords."""
+    for every family, plus ``vision_layer_spec`` for a family whose vision tower is megatron's ViT (LLaVA).
+    The Qwen2.5-VL vision tower is HF code: its attention follows ``vision_attn_implementation`` (default
+    "sdpa"), not these keywords."""
     if attention not in ATTENTION_BACKENDS:
         raise ValueError(f"model.attention={attention!r}; expected one of {list(ATTENTION_BACKENDS)}")
+    from megatron_rcpa.models import families
+
     kwargs: Dict[str, Any] = {"transformer_layer_spec": decoder_layer_spec(attention)}
-    if family == "llava":
+    if families.get(family).megatron_vision:
         kwargs["vision_layer_spec"] = vit_layer_spec(attention)
     return kwargs

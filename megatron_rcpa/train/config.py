@@ -87,6 +87,7 @@ class ModelConfig:
     family: str = "qwen2_5_vl"  # a registered family (models/families): qwen2_5_vl | llava | llama | qwen2
     checkpoint: Optional[str] = None  # a converted megatron checkpoint (tools/convert_hf_to_megatron.py)
     tiny: bool = False  # build a tiny random model from the family's tiny config (demos, tests)
+    attention: str = "sdpa"  # core attention: sdpa (torch's fused kernels; GQA without copies) | megatron (unfused)
     freeze_vision: bool = False  # VLMs: train the language model (and projector) only; the vision tower is frozen
     freeze_projector: bool = False  # VLMs: freeze the vision-to-language projector (Qwen2.5-VL: the merger) too
     dtype: str = "fp32"  # fp32 | bf16
@@ -94,6 +95,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check_choice("model", "family", self.family, tuple(model_families.names()))
+        _check_choice("model", "attention", self.attention, ("sdpa", "megatron"))
         _check_choice("model", "dtype", self.dtype, ("fp32", "bf16"))
         if self.tiny and self.checkpoint:
             raise ValueError(f"model.tiny = true and model.checkpoint = {self.checkpoint!r} exclude each other: "

@@ -61,7 +61,10 @@ def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: boo
     every TP/PP layout. ``build_kwargs`` go to the family's builder (e.g. the profiler's
     ``transformer_layer_spec``)."""
     from megatron_rcpa.models import families
+    from megatron_rcpa.models.attention import policy_attention_kwargs
 
+    if "transformer_layer_spec" not in build_kwargs:  # (the profiler's FP8 run brings TE's spec)
+        build_kwargs = {**policy_attention_kwargs(cfg.model.family, cfg.model.attention), **build_kwargs}
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
     if cfg.model.tiny:
         family = families.get(cfg.model.family)

@@ -72,6 +72,9 @@ class Family:
     #: Parameter groups a run may freeze (``model.freeze_vision`` / ``freeze_projector``): (group, name
     #: prefixes on the policy); a parameter belongs to the first group whose prefix it starts with.
     param_groups: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
+    #: The vision tower is megatron's (TP-sharded) ViT, built from a ``vision_layer_spec`` (LLaVA); False: none,
+    #: or HF code (Qwen2.5-VL's tower follows ``vision_attn_implementation``).
+    megatron_vision: bool = False
 
     def param_group(self, name: str) -> Optional[str]:
         """The freezable group of the policy parameter ``name`` (None: the language model)."""

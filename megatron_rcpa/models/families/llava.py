@@ -156,4 +156,5 @@ LLAVA = register(Family(
     save_tiny_hf=_save_tiny_hf,
     init_tiny_weights=_init_tiny_weights,
     param_groups=(("projector", ("vision_projection.",)), ("vision", ("vision_model.",))),
+    megatron_vision=True,
 ))
