@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from megatron_rcpa.data import DataFileError, load_samples, samples_from_rows
-from megatron_rcpa.data.prompt import fallback_prompt
 
 FIXTURES = Path(__file__).parent / "fixtures"
 
@@ -39,8 +38,16 @@ def test_verl_geometry_parquet_loads_as_it_is():
     assert last.prompt.startswith("The two triangles") and "careful geometry tutor" not in last.prompt
     assert [x.reference for x in ds] == ["5", "13", "17", "24"]
     assert [x.data_source for x in ds] == ["hiyouga/geometry3k"] * 3 + ["synthetic/similar_triangles"]
-    # today's prompt formats keep working: one placeholder per image, then the derived text
-    assert fallback_prompt(last) == f"USER: <image>\n<image>\n{last.prompt} ASSISTANT:"
+    # the family prompt formats take it as it is: LLaVA-1.5's, with one run of image tokens per image
+    from megatron_rcpa.models import families
+
+    llava = families.get("llava")
+    tok = llava.tiny_tokenizer()
+    hf = llava.tiny_config(tok)
+    fmt = llava.make_prompt_format(tok, hf)
+    prompt = fmt.format(last)
+    assert prompt.pixel_values.shape[0] == 2 and tok.decode(prompt.prompt_ids).endswith(f"{last.prompt} ASSISTANT:")
+    assert prompt.prompt_ids.count(int(hf.image_token_id)) == 2 * fmt.vision.tokens_per_image
 
 
 def test_verl_dotted_keys_address_nested_fields():
