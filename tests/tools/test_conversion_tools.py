@@ -74,7 +74,7 @@ def test_convert_verify_export_round_trip(hf_dir, tmp_path):
     rc, out, err = run_tool("convert_hf_to_megatron.py", "--hf-dir", hf_dir, "--out", ckpt, "--dtype", "fp32")
     assert rc == 0, err
     assert "dtype=fp32 vocab=301 (padded 384)" in out
-    assert sorted(os.listdir(ckpt)) == ["hf_assets", "model", "rcpa_checkpoint.json"]
+    assert sorted(os.listdir(ckpt)) == ["hf_assets", "model", "rcpa_checkpoint.json", "rcpa_manifest.json"]
     assert not os.path.exists(f"{ckpt}.incomplete")
 
     rc, out, err = run_tool("verify_conversion.py", "--hf-dir", hf_dir, "--megatron-dir", ckpt, "--tp", 2,
