@@ -257,8 +257,17 @@ def copy_asset(src_dir: str, name: str, dst_dir: str) -> None:
 
 def copy_assets(src_dir: str, dst_dir: str, patterns: Iterable[str] = ASSET_PATTERNS) -> List[str]:
     """Copy the tokenizer / processor / generation-config files of ``src_dir`` into ``dst_dir`` (regular
-    files only: a symbolic link is refused)."""
+    files only: a symbolic link is refused; a JSON file with ``auto_map`` - remote code - too)."""
     files = list_assets(src_dir, patterns)
+    for f in files:  # tokenizer / processor code shipped with the checkpoint is refused, like a model's
+        if f.endswith(".json") and not os.path.islink(os.path.join(src_dir, f)):
+            try:
+                with open(os.path.join(src_dir, f)) as fh:
+                    data = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise ConversionError(f"cannot read {os.path.join(src_dir, f)}: {exc}") from exc
+            if isinstance(data, dict):
+                check_no_remote_code(data, os.path.join(src_dir, f))
     os.makedirs(dst_dir, exist_ok=True)
     for f in files:
         copy_asset(src_dir, f, dst_dir)

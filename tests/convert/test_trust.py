@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from megatron_rcpa.convert.checkpoint import CheckpointMetadata, read_metadata, refuse_overlap
-from megatron_rcpa.convert.cli import describe_failure, run_cli
+from megatron_rcpa.convert.cli import run_cli
 from megatron_rcpa.convert.errors import ConversionError
 from megatron_rcpa.convert.hf_io import check_asset_name, copy_assets, load_hf_config, read_config_dict
 from megatron_rcpa.convert.manifest import MANIFEST_FILE, check_manifest, write_manifest
@@ -230,6 +230,16 @@ def test_auto_map_is_refused(tmp_path):
     config["vision_config"]["auto_map"] = {"AutoConfig": "x.Y"}
     with pytest.raises(ConversionError, match="'vision_config.auto_map'"):
         load_hf_config(config)
+    del config["vision_config"]["auto_map"]
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    tok_config = json.loads(open(os.path.join(path, "tokenizer_config.json")).read())
+    tok_config["auto_map"] = {"AutoTokenizer": ["tokenization_evil.EvilTokenizer", None]}
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_config, f)
+    with pytest.raises(ConversionError, match=r"tokenizer_config.json has 'auto_map'"):
+        copy_assets(path, str(tmp_path / "assets"))
+    assert not (tmp_path / "assets").exists()
 
 
 # ------------------------------------------------------------------------------------------ output vs input
