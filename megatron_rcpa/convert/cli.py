@@ -102,10 +102,16 @@ def describe_failure(exc: BaseException) -> str:
         etype, cause = found
         return cause if etype in ("ConversionError", "UnsafeCheckpointError") else f"{cause} (on rank {exc.rank})"
     for cause in _causes(exc):  # CheckpointingException / CheckpointException wrapping an OSError or our error
-        if cause is not exc and isinstance(cause, (ConversionError, OSError)) and (not isinstance(cause, OSError)
-                                                                      or cause.errno is not None):
+        if cause is not exc and isinstance(cause, (ConversionError, OSError)) and (
+                not isinstance(cause, OSError) or cause.errno is not None):
             return describe_failure(cause)
     name = type(exc).__name__
+    failures = getattr(exc, "failures", None)
+    if name == "CheckpointException" and isinstance(failures, dict) and failures:
+        rank = min(failures)
+        inner = failures[rank][0] if isinstance(failures[rank], tuple) else failures[rank]
+        if isinstance(inner, BaseException):  # torch.distributed.checkpoint: rank -> (exception, stack)
+            return f"checkpoint {describe_failure(inner)} (on rank {rank})"
     text = " ".join(str(exc).split())
     if name == "CheckpointingException":
         return f"megatron checkpoint error: {text}"
@@ -116,25 +122,29 @@ def describe_failure(exc: BaseException) -> str:
 
 
 def _causes(exc: BaseException):
+    """``exc``, its causes/contexts and the per-rank failures of a torch ``CheckpointException``."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         yield exc
-        for sub in getattr(exc, "failures", {}).values() if isinstance(getattr(exc, "failures", None), dict) \
-                else ():
-            if isinstance(sub, BaseException):  # torch.distributed.checkpoint.CheckpointException: rank -> error
+        failures = getattr(exc, "failures", None)
+        for sub in failures.values() if isinstance(failures, dict) else ():
+            sub = sub[0] if isinstance(sub, tuple) and sub else sub
+            if isinstance(sub, BaseException):
                 yield from _causes(sub)
         exc = exc.__cause__ or exc.__context__
 
 
 def run_cli(fn: Callable[[], int]) -> int:
     """Run a tool's body. Any failure prints one line, ``error: ...`` (naming the file / key / value / rank),
-    and exits with 2 - never a traceback (``RCPA_TRACEBACK=1`` prints it too). ``KeyboardInterrupt`` is
-    left alone."""
+    and exits with 2 - never a traceback (``RCPA_TRACEBACK=1`` prints it too). ``KeyboardInterrupt`` and
+    ``SystemExit`` are left alone; torch's ``CheckpointException`` (a BaseException) is a failure like any."""
     quiet_third_party()
     try:
         return fn()
-    except Exception as exc:  # noqa: BLE001 - every failure becomes one line and exit code 2
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and exit code 2
         if os.environ.get(TRACEBACK_ENV, "") not in ("", "0"):
             import traceback
 

@@ -304,6 +304,26 @@ def test_run_cli_describes_wrapped_and_worker_failures(capsys):
     assert run_cli(wrapped_enospc) == 2
     assert _one_line(capsys) == "error: no space left on device (/d/__0_0.distcp)"
 
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    def dcp_failure():
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device", "/d/__1_0.distcp")
+        except OSError as exc:
+            raise CheckpointException("save failed", {1: _wrap_exception(exc)}) from None
+
+    assert run_cli(dcp_failure) == 2  # torch's CheckpointException is a BaseException
+    assert _one_line(capsys) == "error: no space left on device (/d/__1_0.distcp)"
+
+    def dcp_other():
+        try:
+            raise AssertionError("metadata is None")
+        except AssertionError as exc:
+            raise CheckpointException("load failed", {0: _wrap_exception(exc)}) from None
+
+    assert run_cli(dcp_other) == 2
+    assert _one_line(capsys) == "error: checkpoint AssertionError: metadata is None (on rank 0)"
+
     worker_tb = ('Traceback (most recent call last):\n  File "x.py", line 1, in f\n    g()\n'
                  "OSError: [Errno 28] No space left on device: '/d/out.incomplete/stage000-part00000.safetensors'\n")
     conversion_tb = ('Traceback (most recent call last):\n  File "x.py", line 1, in f\n'
