@@ -33,6 +33,9 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")  # inherited by spawned workers
+    from megatron_rcpa.convert.manifest import UncheckedCheckpointWarning
+
+    warnings.filterwarnings("always", category=UncheckedCheckpointWarning)  # even under PYTHONWARNINGS=ignore
     for name in ("megatron", "megatron.core", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -20,11 +20,15 @@ from typing import Dict, Optional
 
 from megatron_rcpa.convert.errors import ConversionError
 
-__all__ = ["MANIFEST_FILE", "check_manifest", "file_sha256", "write_manifest"]
+__all__ = ["MANIFEST_FILE", "UncheckedCheckpointWarning", "check_manifest", "file_sha256", "write_manifest"]
 
 MANIFEST_FILE = "rcpa_manifest.json"
 MANIFEST_VERSION = 1
 _CHUNK = 8 << 20
+
+
+class UncheckedCheckpointWarning(UserWarning):
+    """A directory without a manifest is loaded unchecked (the tools always show this warning)."""
 
 
 def file_sha256(path: str) -> str:
@@ -104,7 +108,7 @@ def check_manifest(directory: str, *, checksums: bool = False, required: bool = 
                    "and checksums cannot be checked")
         if required:
             raise ConversionError(message)
-        warnings.warn(f"{what} {message}; loading it unchecked", stacklevel=2)
+        warnings.warn(f"{what} {message}; loading it unchecked", UncheckedCheckpointWarning, stacklevel=2)
         return False
     for rel, entry in sorted(files.items()):
         path = os.path.join(directory, *rel.split("/"))

@@ -25,6 +25,12 @@ from megatron_rcpa.convert.safe_metadata import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _keep_environment(monkeypatch):
+    """run_cli sets PYTHONWARNINGS for the workers it spawns; keep it out of the other tests' environment."""
+    monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", "default"))
+
+
 class _RunsCommand:
     """A pickle whose loading runs a shell command (here: creates a marker file)."""
 

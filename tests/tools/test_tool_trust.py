@@ -20,6 +20,12 @@ from megatron_rcpa.convert.manifest import MANIFEST_FILE, check_manifest, write_
 from megatron_rcpa.testing.tools import TOOLS, run_tool
 
 
+@pytest.fixture(autouse=True)
+def _keep_environment(monkeypatch):
+    """run_cli sets PYTHONWARNINGS for the workers it spawns; keep it out of the other tests' environment."""
+    monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", "default"))
+
+
 class _RunsCommand:
     def __init__(self, command):
         self.command = command
