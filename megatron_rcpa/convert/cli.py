@@ -23,6 +23,7 @@ _NOISE = (
     "Apex is not installed", "Transformer Engine and Apex are not installed", "absl.logging is not installed",
     "full scope is deprecated", "MCore's async save is deprecated", "load_common is deprecated",
     ".*torch.distributed.*deprecated", ".*TypedStorage is deprecated",
+    "torch.distributed is disabled, unavailable or uninitialized", "The argument order of load has been changed",
 )
 
 

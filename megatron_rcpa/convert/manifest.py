@@ -25,6 +25,7 @@ __all__ = ["MANIFEST_FILE", "UncheckedCheckpointWarning", "check_manifest", "fil
 MANIFEST_FILE = "rcpa_manifest.json"
 MANIFEST_VERSION = 1
 _CHUNK = 8 << 20
+_warned: set = set()
 
 
 class UncheckedCheckpointWarning(UserWarning):
@@ -108,7 +109,10 @@ def check_manifest(directory: str, *, checksums: bool = False, required: bool = 
                    "and checksums cannot be checked")
         if required:
             raise ConversionError(message)
-        warnings.warn(f"{what} {message}; loading it unchecked", UncheckedCheckpointWarning, stacklevel=2)
+        key = os.path.realpath(directory)
+        if key not in _warned:  # once per directory and process (a tool checks, then loads)
+            _warned.add(key)
+            warnings.warn(f"{what} {message}; loading it unchecked", UncheckedCheckpointWarning, stacklevel=2)
         return False
     for rel, entry in sorted(files.items()):
         path = os.path.join(directory, *rel.split("/"))

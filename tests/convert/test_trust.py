@@ -8,6 +8,7 @@ import json
 import os
 import pickle
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -166,6 +167,9 @@ def test_manifest_sizes_always_checksums_on_request(dcp_dir):
 def test_manifest_absent_warns_and_bad_manifest_is_refused(dcp_dir):
     with pytest.warns(UserWarning, match="has no rcpa_manifest.json .*loading it unchecked"):
         assert check_manifest(str(dcp_dir)) is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_manifest(str(dcp_dir)) is False  # said once per directory
     with pytest.raises(ConversionError, match="has no rcpa_manifest.json"):
         check_manifest(str(dcp_dir), required=True)
     (dcp_dir / MANIFEST_FILE).write_text(json.dumps({"files": {"../../etc/passwd": {"size": 1, "sha256": "x"}}}))
