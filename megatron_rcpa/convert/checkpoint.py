@@ -236,14 +236,14 @@ def load_checkpoint(model: torch.nn.Module, directory: str, *, strict: bool = Tr
     from megatron.core import dist_checkpointing
 
     meta = read_metadata(directory)
-    check_manifest(directory, checksums=checksums)
-    model_dir = os.path.join(directory, MODEL_DIR)
-    check_dcp_metadata(model_dir)
     policy = unwrap_model(model)
     padded = getattr(policy, "padded_vocab_size", None)
     if padded is not None and padded != meta.padded_vocab_size:
         raise ConversionError(f"{directory!r} holds a padded vocabulary of {meta.padded_vocab_size} rows but the "
                               f"model was built with padded_vocab_size={padded}; build it with the metadata's value")
+    check_manifest(directory, checksums=checksums)
+    model_dir = os.path.join(directory, MODEL_DIR)
+    check_dcp_metadata(model_dir)  # a clean error on every rank before megatron reads it (restricted too)
     with restricted_metadata():
         state = dist_checkpointing.load(policy.sharded_state_dict(), model_dir)
     if isinstance(state, tuple):
