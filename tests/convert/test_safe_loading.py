@@ -26,16 +26,26 @@ class _RunsCommand:
         return os.system, (self.command,)
 
 
+def _save_sharded(sharded_state_dict, directory):
+    """The trainer's synchronous sharded save (``save_sharded`` where the tree has it)."""
+    try:
+        from megatron_rcpa.convert.checkpoint import save_sharded
+    except ImportError:  # a tree before save_sharded: megatron's writer needs _synchronous_writer in a worker
+        from megatron.core import dist_checkpointing
+
+        from megatron_rcpa.convert.checkpoint import _synchronous_writer
+
+        with _synchronous_writer():
+            dist_checkpointing.save(sharded_state_dict, directory)
+        return
+    save_sharded(sharded_state_dict, directory)
+
+
 def _loaders_rank(ckpt: str, planted: str, work: str, marker: str):
     from megatron.core import dist_checkpointing, parallel_state
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    from megatron_rcpa.convert.checkpoint import (
-        _synchronous_writer,
-        build_policy_from_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
-    )
+    from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint, load_checkpoint, save_checkpoint
     from megatron_rcpa.convert.errors import ConversionError
     from megatron_rcpa.convert.safe_metadata import restricted_metadata
 
@@ -59,8 +69,7 @@ def _loaders_rank(ckpt: str, planted: str, work: str, marker: str):
     if rank == 0:
         os.makedirs(opt_dir)
     torch.distributed.barrier()
-    with _synchronous_writer():
-        dist_checkpointing.save(optimizer_like(), opt_dir)
+    _save_sharded(optimizer_like(), opt_dir)
     torch.distributed.barrier()
     with restricted_metadata():
         loaded = dist_checkpointing.load(optimizer_like(), opt_dir)
