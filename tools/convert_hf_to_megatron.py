@@ -6,8 +6,9 @@
 The model family (Qwen2.5-VL, LLaVA with a CLIP/SigLIP tower, Llama, Qwen2) is read from config.json.
 
 The output (megatron dist_checkpointing + rcpa_checkpoint.json + hf_assets/) loads at ANY TP/PP; --tp/--pp
-only choose how many processes share the work (memory). Bad input exits with 2 and names the
-tensor/key/value; a failed conversion leaves no output directory.
+only choose how many processes share the work (memory). Any failure (bad input, a full disk, permission
+denied, ...) exits with 2 and one ``error:`` line naming the tensor/key/value/file; a failed conversion leaves
+no output directory.
 """
 
 import argparse
@@ -28,7 +29,11 @@ def main(argv=None) -> int:
                         help="dtype of the megatron weights (default: the HF tensors' dtype)")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                         help="pad the vocabulary to a multiple of this (default 128: loads at any power-of-2 TP)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (never the input, nor a directory holding it)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the sha256 of every input file against its manifest first (sizes are always "
+                             "checked)")
     add_layout_args(parser, "used for the conversion (the result loads at any TP/PP)")
     args = parser.parse_args(argv)
 
@@ -37,7 +42,8 @@ def main(argv=None) -> int:
 
         meta = convert_hf_to_megatron(args.hf_dir, args.out, dtype=args.dtype, tp=args.tp, pp=args.pp,
                                       make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-                                      overwrite=args.overwrite, in_process=True, timeout=args.timeout)
+                                      overwrite=args.overwrite, in_process=True, timeout=args.timeout,
+                                      verify=args.verify)
         print(f"wrote {os.path.abspath(args.out)}: family={meta.family} dtype={meta.dtype} "
               f"vocab={meta.vocab_size} (padded {meta.padded_vocab_size}) assets={meta.assets}")
         return 0

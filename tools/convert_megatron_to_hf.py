@@ -4,7 +4,8 @@
     python tools/convert_megatron_to_hf.py --megatron-dir ckpt/qwen25vl3b --out hf/qwen25vl3b-rl
 
 ``from_pretrained`` loads the result. Tensors are written in the dtype of the HF checkpoint the megatron one
-was converted from unless --dtype says otherwise. Bad input exits with 2 and names what is wrong.
+was converted from unless --dtype says otherwise. Any failure (bad input, a damaged or tampered checkpoint, a
+full disk, ...) exits with 2 and one ``error:`` line naming what is wrong; a failed export leaves no output.
 """
 
 import argparse
@@ -24,7 +25,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp32", "fp16"], default=None,
                         help="dtype of the HF tensors (default: the original HF checkpoint's)")
     parser.add_argument("--max-shard-size", default="5GB", help="largest safetensors file (default 5GB)")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing --out (never the input, nor a directory holding it)")
+    parser.add_argument("--verify", action="store_true",
+                        help="check the sha256 of every input file against its manifest first (sizes are always "
+                             "checked)")
     add_layout_args(parser, "used to load the checkpoint for the export")
     args = parser.parse_args(argv)
 
@@ -33,7 +38,7 @@ def main(argv=None) -> int:
 
         files = convert_megatron_to_hf(args.megatron_dir, args.out, dtype=args.dtype, tp=args.tp, pp=args.pp,
                                        max_shard_size=args.max_shard_size, overwrite=args.overwrite,
-                                       in_process=True, timeout=args.timeout)
+                                       in_process=True, timeout=args.timeout, verify=args.verify)
         print(f"wrote {os.path.abspath(args.out)}: {len(files)} safetensors file(s)")
         return 0
 

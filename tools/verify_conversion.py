@@ -5,7 +5,8 @@
 
 Prints the per-position max |delta logit| and cosine, a per-tensor round-trip table (megatron -> HF names at
 this layout vs the HF files) and the verdict. Exit 0: pass; 1: above tolerance or a tensor not bit-identical;
-2: bad input. Runs tp*pp processes itself (gloo on CPU, NCCL on GPU).
+2: bad input or a failure (one ``error:`` line), including a checkpoint file whose size or sha256 differs from
+its manifest. Runs tp*pp processes itself (gloo on CPU, NCCL on GPU).
 """
 
 import argparse

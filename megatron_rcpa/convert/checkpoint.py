@@ -5,6 +5,11 @@ A checkpoint directory::
     <dir>/rcpa_checkpoint.json   metadata (CheckpointMetadata): family, the HF config.json, dtype, vocab sizes
     <dir>/model/                 megatron dist_checkpointing (global tensors: loads at any TP/PP)
     <dir>/hf_assets/             tokenizer / processor / chat-template / generation-config files, verbatim
+    <dir>/rcpa_manifest.json     size and sha256 of every file above (convert/manifest.py)
+
+Loading reads the dist checkpoint's pickled ``.metadata`` only through an allow-list of metadata classes
+(convert/safe_metadata.py: a planted pickle is refused, never run) and checks every file's size against the
+manifest (its checksums too with ``checksums=True``).
 
 It is written aside (``<dir>.incomplete``) and renamed into place only when complete, so a failed or
 interrupted save never leaves something that looks like a valid checkpoint; :func:`read_metadata` refuses a
@@ -28,6 +33,9 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from megatron_rcpa.convert.errors import ConversionError
+from megatron_rcpa.convert.hf_io import check_asset_name
+from megatron_rcpa.convert.manifest import check_manifest, write_manifest
+from megatron_rcpa.convert.safe_metadata import check_dcp_metadata, restricted_metadata
 
 __all__ = [
     "ASSETS_DIR",
@@ -38,6 +46,7 @@ __all__ = [
     "is_checkpoint",
     "load_checkpoint",
     "read_metadata",
+    "refuse_overlap",
     "save_checkpoint",
     "save_sharded",
     "unwrap_model",
@@ -77,6 +86,11 @@ class CheckpointMetadata:
         missing = sorted(required - set(data))
         if missing:
             raise ConversionError(f"{source}: missing key(s) {missing}")
+        assets = data.get("assets", [])
+        if not isinstance(assets, list):
+            raise ConversionError(f"{source}: 'assets' must be a list of file names, not {assets!r}")
+        for name in assets:
+            check_asset_name(name, source)
         version = data.get("format_version", FORMAT_VERSION)
         if version > FORMAT_VERSION:
             raise ConversionError(f"{source}: format_version={version} is newer than this code "
@@ -175,6 +189,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str, metadata: Checkpoint
         metadata.megatron_core_version = metadata.megatron_core_version or _megatron_version()
         with open(os.path.join(tmp, METADATA_FILE), "w") as f:
             f.write(metadata.to_json())
+        write_manifest(tmp)
         old = None
         if os.path.exists(directory):
             old = directory + ".old"
@@ -187,8 +202,12 @@ def save_checkpoint(model: torch.nn.Module, directory: str, metadata: Checkpoint
     _barrier()
 
 
-def load_checkpoint(model: torch.nn.Module, directory: str, *, strict: bool = True) -> CheckpointMetadata:
-    """Load a checkpoint into ``model`` (this rank's stage, any TP/PP). Collective over all ranks."""
+def load_checkpoint(model: torch.nn.Module, directory: str, *, strict: bool = True,
+                    checksums: bool = False) -> CheckpointMetadata:
+    """Load a checkpoint into ``model`` (this rank's stage, any TP/PP). Collective over all ranks.
+
+    Every file's size is checked against the manifest (sha256 too with ``checksums``); the dist checkpoint's
+    ``.metadata`` is read only through the allow-list of :mod:`~megatron_rcpa.convert.safe_metadata`."""
     from megatron.core import dist_checkpointing
 
     meta = read_metadata(directory)
@@ -197,7 +216,11 @@ def load_checkpoint(model: torch.nn.Module, directory: str, *, strict: bool = Tr
     if padded is not None and padded != meta.padded_vocab_size:
         raise ConversionError(f"{directory!r} holds a padded vocabulary of {meta.padded_vocab_size} rows but the "
                               f"model was built with padded_vocab_size={padded}; build it with the metadata's value")
-    state = dist_checkpointing.load(policy.sharded_state_dict(), os.path.join(directory, MODEL_DIR))
+    check_manifest(directory, checksums=checksums)
+    model_dir = os.path.join(directory, MODEL_DIR)
+    check_dcp_metadata(model_dir)  # a clean error on every rank before megatron reads it (restricted too)
+    with restricted_metadata():
+        state = dist_checkpointing.load(policy.sharded_state_dict(), model_dir)
     if isinstance(state, tuple):
         state = state[0]
     policy.load_state_dict(state, strict=strict)
@@ -205,11 +228,13 @@ def load_checkpoint(model: torch.nn.Module, directory: str, *, strict: bool = Tr
 
 
 def build_policy_from_checkpoint(directory: str, *, load: bool = True, params_dtype: Any = None,
+                                 checksums: bool = False,
                                  **build_kwargs: Any) -> Tuple[torch.nn.Module, CheckpointMetadata]:
     """Build this rank's policy stage for the checkpoint's family (current TP/PP) and load its weights.
 
     ``params_dtype`` defaults to the stored dtype; ``build_kwargs`` go to the family's builder
-    (e.g. ``config_overrides``, ``vision_attn_implementation``).
+    (e.g. ``config_overrides``, ``vision_attn_implementation``). The load is :func:`load_checkpoint`'s
+    (manifest sizes, sha256 with ``checksums``, metadata through the allow-list).
     """
     from megatron_rcpa.convert.families import family_by_name
 
@@ -219,5 +244,23 @@ def build_policy_from_checkpoint(directory: str, *, load: bool = True, params_dt
                                  padded_vocab_size=meta.padded_vocab_size, perform_initialization=not load,
                                  **build_kwargs)
     if load:
-        load_checkpoint(policy, directory)
+        load_checkpoint(policy, directory, checksums=checksums)
     return policy, meta
+
+
+def refuse_overlap(source: str, out: str, *, source_what: str = "input") -> None:
+    """ConversionError when writing ``out`` (or its ``.incomplete`` / ``.old`` siblings) could delete or
+    overwrite ``source``: the same directory, one inside the other (symlinks resolved)."""
+    src = os.path.realpath(source)
+    for target in (out, out.rstrip("/") + INCOMPLETE_SUFFIX, out.rstrip("/") + ".old"):
+        dst = os.path.realpath(target)
+        if dst == src:
+            problem = "is"
+        elif dst.startswith(src.rstrip(os.sep) + os.sep):
+            problem = "is inside"
+        elif src.startswith(dst.rstrip(os.sep) + os.sep):
+            problem = "contains"
+        else:
+            continue
+        raise ConversionError(f"output {out!r} {problem} the {source_what} {source!r} (resolved: {dst} vs {src}); "
+                              "writing it would destroy the input: choose an output outside the input")

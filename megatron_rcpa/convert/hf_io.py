@@ -21,6 +21,9 @@ from megatron_rcpa.convert.errors import ConversionError
 __all__ = [
     "ASSET_PATTERNS",
     "HFCheckpointReader",
+    "check_asset_name",
+    "check_no_remote_code",
+    "copy_asset",
     "copy_assets",
     "load_hf_config",
     "read_config_dict",
@@ -39,8 +42,19 @@ ASSET_PATTERNS = (
 )
 
 
+def check_no_remote_code(config: Dict[str, Any], source: str) -> None:
+    """Refuse a config that asks transformers to run code shipped with the checkpoint (``auto_map``)."""
+    found = [key for key, sub in [("", config)] + [(k + ".", v) for k, v in config.items() if isinstance(v, dict)]
+             if "auto_map" in sub]
+    if found:
+        raise ConversionError(f"{source} has '{found[0]}auto_map' (model code shipped with the checkpoint); "
+                              "megatron_rcpa never runs a checkpoint's code (trust_remote_code=False): only "
+                              "architectures built into transformers are supported")
+
+
 def read_config_dict(hf_dir: str) -> Dict[str, Any]:
-    """The raw ``config.json`` of an HF directory, with a clear error when it is missing or not JSON."""
+    """The raw ``config.json`` of an HF directory, with a clear error when it is missing or not JSON, or
+    when it names remote code (``auto_map``)."""
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isdir(hf_dir):
         raise ConversionError(f"HF directory {hf_dir!r} does not exist")
@@ -53,14 +67,17 @@ def read_config_dict(hf_dir: str) -> Dict[str, Any]:
         raise ConversionError(f"cannot read {path}: {exc}") from exc
     if not isinstance(config, dict):
         raise ConversionError(f"{path} does not hold a JSON object")
+    check_no_remote_code(config, path)
     return config
 
 
 def load_hf_config(hf_dir_or_dict: Any):
-    """An HF config object from a directory (``AutoConfig``, offline) or from a config dict."""
+    """An HF config object from a directory (``AutoConfig``, offline, never remote code) or from a config
+    dict; a config with ``auto_map`` is refused."""
     from transformers import AutoConfig
 
     if isinstance(hf_dir_or_dict, dict):
+        check_no_remote_code(hf_dir_or_dict, "the checkpoint's HF config")
         d = dict(hf_dir_or_dict)
         model_type = d.pop("model_type", None)
         if model_type is None:
@@ -71,7 +88,7 @@ def load_hf_config(hf_dir_or_dict: Any):
             raise ConversionError(f"cannot build an HF config of model_type={model_type!r}: {exc}") from exc
     read_config_dict(hf_dir_or_dict)
     try:
-        return AutoConfig.from_pretrained(hf_dir_or_dict, local_files_only=True)
+        return AutoConfig.from_pretrained(hf_dir_or_dict, local_files_only=True, trust_remote_code=False)
     except (ValueError, KeyError, TypeError, OSError) as exc:
         raise ConversionError(f"cannot load the HF config in {hf_dir_or_dict!r}: {exc}") from exc
 
@@ -204,20 +221,54 @@ def write_safetensors_shards(tensors_by_shard: Sequence[Dict[str, torch.Tensor]]
     return names
 
 
+def check_asset_name(name: Any, source: str) -> str:
+    """An asset is a plain file name (no directory part, not ``.``/``..``): it cannot point outside its dir."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\\" in name or "\0" in name
+            or os.path.basename(name) != name):
+        raise ConversionError(f"{source}: asset {name!r} is not a plain file name (assets are files directly "
+                              "inside the asset directory)")
+    return name
+
+
 def list_assets(src_dir: str, patterns: Iterable[str] = ASSET_PATTERNS) -> List[str]:
     import fnmatch
 
     if not os.path.isdir(src_dir):
         return []
     return sorted(f for f in os.listdir(src_dir)
-                  if os.path.isfile(os.path.join(src_dir, f)) and any(fnmatch.fnmatch(f, p) for p in patterns)
-                  and not f.endswith(".safetensors"))
+                  if (os.path.isfile(os.path.join(src_dir, f)) or os.path.islink(os.path.join(src_dir, f)))
+                  and any(fnmatch.fnmatch(f, p) for p in patterns) and not f.endswith(".safetensors"))
+
+
+def copy_asset(src_dir: str, name: str, dst_dir: str) -> None:
+    """Copy one asset file; refuses a name that is not a plain file name and a symbolic link (whose target,
+    anywhere on the machine, would otherwise be copied)."""
+    check_asset_name(name, src_dir)
+    src = os.path.join(src_dir, name)
+    if os.path.islink(src):
+        raise ConversionError(f"asset {src} is a symbolic link (to {os.readlink(src)!r}); assets are copied only "
+                              "from regular files (copy the directory with `cp -rL`, or download it with "
+                              "`hf download --local-dir`)")
+    if not os.path.isfile(src):
+        raise ConversionError(f"asset {src} is missing or not a regular file")
+    shutil.copyfile(src, os.path.join(dst_dir, name), follow_symlinks=False)
+    shutil.copystat(src, os.path.join(dst_dir, name), follow_symlinks=False)
 
 
 def copy_assets(src_dir: str, dst_dir: str, patterns: Iterable[str] = ASSET_PATTERNS) -> List[str]:
-    """Copy the tokenizer / processor / generation-config files of ``src_dir`` into ``dst_dir``."""
+    """Copy the tokenizer / processor / generation-config files of ``src_dir`` into ``dst_dir`` (regular
+    files only: a symbolic link is refused; a JSON file with ``auto_map`` - remote code - too)."""
     files = list_assets(src_dir, patterns)
+    for f in files:  # tokenizer / processor code shipped with the checkpoint is refused, like a model's
+        if f.endswith(".json") and not os.path.islink(os.path.join(src_dir, f)):
+            try:
+                with open(os.path.join(src_dir, f)) as fh:
+                    data = json.load(fh)
+            except (OSError, ValueError) as exc:
+                raise ConversionError(f"cannot read {os.path.join(src_dir, f)}: {exc}") from exc
+            if isinstance(data, dict):
+                check_no_remote_code(data, os.path.join(src_dir, f))
     os.makedirs(dst_dir, exist_ok=True)
     for f in files:
-        shutil.copy2(os.path.join(src_dir, f), os.path.join(dst_dir, f))
+        copy_asset(src_dir, f, dst_dir)
     return files

@@ -18,10 +18,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from megatron_rcpa.convert.checkpoint import INCOMPLETE_SUFFIX, CheckpointMetadata, save_checkpoint
+from megatron_rcpa.convert.checkpoint import INCOMPLETE_SUFFIX, CheckpointMetadata, refuse_overlap, save_checkpoint
 from megatron_rcpa.convert.errors import ConversionError
 from megatron_rcpa.convert.families import ModelFamily, family_by_name, family_for_config
 from megatron_rcpa.convert.hf_io import HFCheckpointReader, load_hf_config, read_config_dict
+from megatron_rcpa.convert.manifest import MANIFEST_FILE, check_manifest
 from megatron_rcpa.convert.weight_maps import (
     Kind,
     ModuleMap,
@@ -219,15 +220,21 @@ def convert_rank(plan: ConversionPlan, out_dir: str, overwrite: bool = False) ->
 
 def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, dtype: Optional[str] = None, tp: int = 1, pp: int = 1,
                            make_vocab_size_divisible_by: int = 128, overwrite: bool = False,
-                           in_process: bool = False, timeout: float = 3600.0) -> CheckpointMetadata:
+                           in_process: bool = False, timeout: float = 3600.0,
+                           verify: bool = False) -> CheckpointMetadata:
     """Convert an HF directory into a megatron policy checkpoint at ``out_dir``; returns its metadata.
 
     ``dtype`` (fp32 | bf16 | fp16) defaults to the HF tensors' dtype. ``tp``/``pp`` choose the grid the
     conversion runs on (the result loads at any TP/PP). ``in_process`` runs a 1x1 grid in this process.
+    An HF directory with a manifest (one this project exported) has its file sizes checked, and with
+    ``verify`` their sha256 too. An output that is, contains or lies inside the input is refused.
     """
     from megatron_rcpa.convert.runtime import run_on_layout
 
     out_dir = os.path.abspath(out_dir.rstrip("/"))
+    refuse_overlap(hf_dir, out_dir, source_what="input HF directory")
+    if verify or os.path.isfile(os.path.join(hf_dir, MANIFEST_FILE)):
+        check_manifest(hf_dir, checksums=verify, what="HF directory")
     if os.path.exists(out_dir) and not overwrite:
         raise ConversionError(f"output {out_dir!r} already exists (use --overwrite to replace it)")
     plan = plan_hf_to_megatron(hf_dir, dtype=dtype, tp=tp, pp=pp,

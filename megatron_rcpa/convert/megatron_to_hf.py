@@ -4,8 +4,11 @@
 the TP group), usable by a trainer to publish weights without writing a megatron checkpoint first.
 :func:`convert_megatron_to_hf` loads the checkpoint on a TP x PP grid (default 1 x 1), lets the first TP
 rank of every stage write its tensors, then names the files ``model-0000i-of-0000N.safetensors`` (or one
-``model.safetensors``) with ``model.safetensors.index.json``, writes ``config.json`` and copies the assets,
-all in ``<out>.incomplete`` renamed into place when complete.
+``model.safetensors``) with ``model.safetensors.index.json``, writes ``config.json``, copies the assets
+(plain file names, no symbolic links) and a manifest of sizes and sha256 (``rcpa_manifest.json``), all in
+``<out>.incomplete`` renamed into place when complete. The input is checked first: its files against its
+manifest (sizes; sha256 with ``verify=True``), its dist-checkpoint metadata through the allow-list, and an
+output that is or contains or lies inside the input is refused.
 """
 
 from __future__ import annotations
@@ -21,12 +24,16 @@ import torch
 from megatron_rcpa.convert.checkpoint import (
     ASSETS_DIR,
     INCOMPLETE_SUFFIX,
+    MODEL_DIR,
     build_policy_from_checkpoint,
     read_metadata,
+    refuse_overlap,
 )
 from megatron_rcpa.convert.errors import ConversionError
 from megatron_rcpa.convert.families import ModelFamily, family_by_name
-from megatron_rcpa.convert.hf_io import INDEX_FILE, SINGLE_FILE
+from megatron_rcpa.convert.hf_io import INDEX_FILE, SINGLE_FILE, copy_asset
+from megatron_rcpa.convert.manifest import check_manifest, write_manifest
+from megatron_rcpa.convert.safe_metadata import check_dcp_metadata
 from megatron_rcpa.convert.weight_maps import Kind, to_hf_tensors
 from megatron_rcpa.models.decoder import parse_dtype
 
@@ -115,20 +122,32 @@ def _export_rank(ckpt_dir: str, stage_dir: str, dtype_name: Optional[str],
 
 def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, dtype: Optional[str] = None, tp: int = 1,
                            pp: int = 1, max_shard_size: Any = "5GB", overwrite: bool = False,
-                           in_process: bool = False, timeout: float = 3600.0) -> List[str]:
+                           in_process: bool = False, timeout: float = 3600.0, verify: bool = False) -> List[str]:
     """Export a megatron policy checkpoint as an HF directory; returns the safetensors file names.
 
     ``dtype`` (one dtype for all tensors) defaults to each tensor's dtype in the HF checkpoint it was
-    converted from (else the stored dtype).
+    converted from (else the stored dtype). ``verify`` checks the sha256 of every input file against the
+    checkpoint's manifest before anything is loaded (sizes are always checked).
     """
     from megatron_rcpa.convert.runtime import run_on_layout
 
     meta = read_metadata(megatron_dir)
     family_by_name(meta.family)
     out_dir = os.path.abspath(out_dir.rstrip("/"))
+    refuse_overlap(megatron_dir, out_dir, source_what="input checkpoint")
     if os.path.exists(out_dir) and not overwrite:
         raise ConversionError(f"output {out_dir!r} already exists (use --overwrite to replace it)")
-    dtype_t = parse_dtype(dtype or meta.source_dtype or meta.dtype)
+    try:
+        dtype_t = parse_dtype(dtype or meta.source_dtype or meta.dtype)
+    except ValueError as exc:
+        raise ConversionError(f"{megatron_dir!r}: {exc}") from exc
+    check_manifest(megatron_dir, checksums=verify)
+    check_dcp_metadata(os.path.join(megatron_dir, MODEL_DIR))
+    assets = os.path.join(megatron_dir, ASSETS_DIR)
+    for name in meta.assets:
+        if os.path.islink(os.path.join(assets, name)) or not os.path.isfile(os.path.join(assets, name)):
+            raise ConversionError(f"asset {os.path.join(assets, name)} (listed in the checkpoint's metadata) is "
+                                  "missing, not a regular file, or a symbolic link")
     tmp = out_dir + INCOMPLETE_SUFFIX
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -146,9 +165,11 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, dtype: Optional[s
                 config[key] = _TORCH_DTYPE_NAMES[dtype_t]
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2, sort_keys=True)
-        assets = os.path.join(megatron_dir, ASSETS_DIR)
         for name in meta.assets:
-            shutil.copy2(os.path.join(assets, name), os.path.join(tmp, name))
+            if os.path.exists(os.path.join(tmp, name)):
+                raise ConversionError(f"asset {name!r} of {megatron_dir!r} would replace the exported {name}")
+            copy_asset(assets, name, tmp)
+        write_manifest(tmp)
         if os.path.exists(out_dir):
             shutil.rmtree(out_dir)
         os.rename(tmp, out_dir)

@@ -9,7 +9,9 @@ two images), made from deterministic synthetic pictures: for Qwen2.5-VL of diffe
 the HF Qwen2-VL image processor does (:func:`patchify_image`); for LLaVA at the tower's image size
 (:func:`normalize_image`); both with the normalisation of the checkpoint's ``preprocessor_config.json``
 (no PIL/torchvision needed). Text families get two rows of random tokens. HF runs in fp32 in this process;
-megatron runs on ``tp * pp`` ranks (gloo on CPU, NCCL on GPU) in the checkpoint's dtype.
+megatron runs on ``tp * pp`` ranks (gloo on CPU, NCCL on GPU) in the checkpoint's dtype. Before anything is
+loaded, every file of the megatron checkpoint (and of the HF directory, when it has a manifest) is checked
+against its manifest, sha256 included, and the dist-checkpoint metadata is read through the allow-list.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from megatron_rcpa.convert.checkpoint import ASSETS_DIR, read_metadata
+from megatron_rcpa.convert.checkpoint import ASSETS_DIR, MODEL_DIR, read_metadata
 from megatron_rcpa.convert.errors import ConversionError
 from megatron_rcpa.convert.families import family_by_name
 from megatron_rcpa.convert.hf_io import HFCheckpointReader, load_hf_config
+from megatron_rcpa.convert.manifest import MANIFEST_FILE, check_manifest
+from megatron_rcpa.convert.safe_metadata import check_dcp_metadata
 from megatron_rcpa.data.vision import normalize_image
 
 __all__ = ["TensorCheck", "VerificationReport", "build_verification_batch", "normalize_image", "patchify_image",
@@ -208,7 +212,7 @@ def hf_logits(hf_dir: str, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
 
     config = load_hf_config(hf_dir)
     cls = getattr(transformers, config.architectures[0])
-    model = cls.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True).eval()
+    model = cls.from_pretrained(hf_dir, dtype=torch.float32, local_files_only=True, trust_remote_code=False).eval()
     with torch.no_grad():
         out = model(**batch)
     return out.logits.float()
@@ -268,6 +272,10 @@ def verify_conversion(hf_dir: str, megatron_dir: str, *, tp: int = 1, pp: int = 
     meta = read_metadata(megatron_dir)
     family = family_by_name(meta.family)
     hf_config = family.hf_config(load_hf_config(hf_dir))
+    check_manifest(megatron_dir, checksums=True)
+    if os.path.isfile(os.path.join(hf_dir, MANIFEST_FILE)):
+        check_manifest(hf_dir, checksums=True, what="HF directory")
+    check_dcp_metadata(os.path.join(megatron_dir, MODEL_DIR))
     ckpt_config = family.hf_config(load_hf_config(meta.hf_config))
     if family.decoder_dims(hf_config) != family.decoder_dims(ckpt_config):
         raise ConversionError(f"{hf_dir!r} and {megatron_dir!r} describe different models (config.json differs)")

@@ -52,7 +52,7 @@ def build_tokenizer_and_config(cfg) -> Tuple[Any, Any]:
                          f"model; set model.family={meta.family}")
     assets = os.path.join(cfg.model.checkpoint, ASSETS_DIR)
     try:
-        tok = HFTokenizer(AutoTokenizer.from_pretrained(assets))
+        tok = HFTokenizer(AutoTokenizer.from_pretrained(assets, trust_remote_code=False))
     except (OSError, ValueError) as exc:
         raise ValueError(f"{cfg.model.checkpoint!r}: no usable tokenizer in {ASSETS_DIR}/ ({exc}); convert the "
                          "checkpoint from an HF directory that has one") from exc

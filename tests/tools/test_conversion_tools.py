@@ -25,7 +25,7 @@ def test_fp32_conversion_gate_table_assets_and_failure_modes(tool_runs, tmp_path
     trip = tool_runs.round_trip(CASE)
     hf_dir, ckpt, back = trip.hf_dir, trip.ckpt, trip.back
     assert trip.convert[0] == 0 and trip.verify[0] == 0 and trip.export[0] == 0
-    assert sorted(os.listdir(ckpt)) == ["hf_assets", "model", "rcpa_checkpoint.json"]
+    assert sorted(os.listdir(ckpt)) == ["hf_assets", "model", "rcpa_checkpoint.json", "rcpa_manifest.json"]
     out = trip.verify[1]
     assert "tensors exact     = 57/57" in out
     assert "model.layers.1.self_attn.q_proj.weight" in out  # the per-tensor table
