@@ -66,6 +66,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         return 0
     quiet_missing_extras()
+    from megatron_rcpa.convert.errors import ConversionError
     from megatron_rcpa.train.guard import NonFiniteUpdateError
     from megatron_rcpa.train.trainer import run
 
@@ -74,6 +75,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except NonFiniteUpdateError as e:  # a training failure with a clear cause: one line, not a traceback
         print(f"rcpa-train: error: {e}", file=sys.stderr)
         return 1
+    except ConversionError as e:  # a checkpoint refused on load (unsafe metadata, corrupt files, wrong family)
+        print(f"rcpa-train: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -352,7 +352,12 @@ class Trainer:
         policy = self.model.module
         load_checkpoint(policy, os.path.join(directory, "policy"))
         opt_sd = ckpt.optimizer_sharded_state_dict(self.optimizer, policy.sharded_state_dict(), is_loading=True)
-        loaded = dist_checkpointing.load(opt_sd, os.path.join(directory, "optimizer"))
+        from megatron_rcpa.convert.safe_metadata import check_dcp_metadata, restricted_metadata
+
+        opt_dir = os.path.join(directory, "optimizer")
+        check_dcp_metadata(opt_dir)  # a planted pickle is refused with a clear error on every rank ...
+        with restricted_metadata():  # ... and never executed
+            loaded = dist_checkpointing.load(opt_sd, opt_dir)
         with torch.no_grad():  # the distributed optimizer copies into views of the (fp32) parameters
             self.optimizer.load_state_dict(loaded[0] if isinstance(loaded, tuple) else loaded)
         self.step = int(state["step"])
