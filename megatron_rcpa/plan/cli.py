@@ -36,6 +36,8 @@ PLANNER_KEYS: Dict[str, Any] = {
     "model.recompute_granularity": None,
     "model.recompute_method": None,
     "model.recompute_num_layers": None,
+    "model.vision_recompute": False,  # HF gradient checkpointing of the vision tower's blocks
+    "model.freeze_vision": False,  # vision tower not trained
 }
 
 
@@ -213,7 +215,8 @@ def plan_from_config(cfg, values: Dict[str, Any], *, hf_config: Optional[str] = 
         num_layers_in_last_pipeline_stage=values["parallel.num_layers_in_last_pipeline_stage"],
         micro_batch_size=mbs, num_micro_batches=n_micro, train_seq_len=train_len, prompt_len=prompt_len,
         max_new_tokens=cfg.rollout.max_new_tokens, images_per_row=images_per_prompt, image_tokens=image_tokens,
-        rollout_rows=rollout_rows, reference=cfg.rcpa.loss.beta > 0, gpu_mem_bytes=mem)
+        rollout_rows=rollout_rows, reference=cfg.rcpa.loss.beta > 0, gpu_mem_bytes=mem,
+        vision_recompute=bool(values["model.vision_recompute"]), freeze_vision=bool(values["model.freeze_vision"]))
     return plan_memory(inp), notes
 
 

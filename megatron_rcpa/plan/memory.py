@@ -34,8 +34,9 @@ first ``recompute_num_layers`` layers of each stage and keeps the others.
 Under 1F1B, stage ``i`` of ``pp`` holds ``min(pp - i, n_micro)`` micro-batches in flight (1 without PP).
 Pipeline stages also keep the received input and the sent output (``s*b*H*e``) of each in-flight micro-batch.
 The first stage adds the vision tower's activations (Qwen2.5-VL: every row of a micro-batch carries its own
-copy of its prompt's image patches) and the last stage the loss on the logits: ``b*s*V/t`` in ``e`` (logits)
-plus fp32 working copies (log-softmax and its gradient), for one micro-batch at a time.
+copy of its prompt's image patches; planner-only options: ``model.vision_recompute``, HF gradient
+checkpointing of its blocks, and ``model.freeze_vision``) and the last stage the loss on the logits:
+``b*s*V/t`` in ``e`` (logits) plus fp32 working copies (log-softmax and its gradient), for one micro-batch at a time.
 
 **Rollout** (decoding on the training policy; not at the same time as training activations):
 
@@ -97,6 +98,8 @@ class PlanInputs:
     image_tokens: int = 0  # per image (Qwen2.5-VL: patches / spatial_merge^2; LLaVA: fixed)
     rollout_rows: int = 64  # rows decoded together (one KV cache)
     reference: bool = False  # rcpa.loss.beta > 0
+    vision_recompute: bool = False  # HF gradient checkpointing of the vision tower's blocks
+    freeze_vision: bool = False  # vision tower frozen: no grads, no optimizer states, run without autograd
     gpu_mem_bytes: float = GPUS["h100-80gb"]
 
     def __post_init__(self) -> None:
@@ -206,15 +209,17 @@ def decoder_layer_activation_bytes(shape: ModelShape, b: int, s: int, tp: int, e
     return norms + attn + rope + scores + context + mlp
 
 
-def vision_activation_bytes(shape: ModelShape, patches: int, tp: int, e: int, *, images: int = 1) -> float:
+def vision_activation_bytes(shape: ModelShape, patches: int, tp: int, e: int, *, images: int = 1,
+                            recompute: bool = False) -> float:
     """Bytes the vision tower saves for backward for ``patches`` patches (all images of a micro-batch).
 
     Qwen2.5-VL (HF tower, flash/SDPA attention per window: no score matrices), per block: two RMSNorms
     (fp32 compute: 12 bytes/element in fp32, ``4 + 2e`` in bf16) with their linears' inputs, the qkv output, q and
     k after RoPE, the attention output and the projection's input (``7*N*Hv*e``), the gated MLP's gate, up, silu
     and product (``4*N*F*e``) and the attention log-sum-exp; plus the pixels (``N*patch_dim*e``), the RoPE
-    tables and the patch merger. LLaVA (megatron ViT, TP-sharded): the decoder formula's terms for a
-    LayerNorm / GELU-MLP layer with full attention over each image."""
+    tables and the patch merger. ``recompute`` (HF gradient checkpointing of the blocks, Qwen2.5-VL): each block
+    keeps only its input (``N*Hv*e``). LLaVA (megatron ViT, TP-sharded): the decoder formula's terms for a
+    LayerNorm / GELU-MLP layer with full attention over each image (not measured)."""
     v = shape.vision
     if v is None or patches <= 0:
         return 0.0
@@ -222,8 +227,10 @@ def vision_activation_bytes(shape: ModelShape, patches: int, tp: int, e: int, *,
     if v.kind == "qwen2_5_vl":
         norm = n * hv * (12 if e == 4 else 4 + 2 * e) + 4 * n
         block = 2 * norm + 7 * n * hv * e + 4 * n * fv * e + 4 * n * v.num_heads
-        fixed = n * v.patch_dim * e + 2 * n * v.head_dim * 4 + norm + 2 * n * hv * e
-        return v.depth * block + fixed
+        fixed = n * v.patch_dim * e + norm + 2 * n * hv * e
+        if recompute:
+            return v.depth * n * hv * e + fixed
+        return v.depth * block + fixed + 2 * n * v.head_dim * 4  # + the RoPE tables
     # LLaVA ViT: per layer, LayerNorm input + its linear's input, q/k/v, scores per image, context, GELU MLP
     seq = n // max(images, 1)
     norm = 2 * (n * hv * 2 * e + 8 * n)
@@ -386,11 +393,22 @@ def plan_memory(inp: PlanInputs) -> Plan:
     for i, layers in enumerate(counts):
         first, last = i == 0, i == pp - 1
         params, frozen = stage_params(shape, tp, pp, i, layers)
+        if first and v is not None and inp.freeze_vision:
+            params -= v.params_per_rank(tp)
+            frozen += v.params_per_rank(tp)
         weights = (params + frozen) * e
         in_flight = min(pp - i, inp.num_micro_batches)
         saved, transient = _stage_activations(inp, layers, b, s, first=first, last=last)
-        vision = vision_activation_bytes(shape, b * inp.images_per_row * patches_per_image, tp, e,
-                                         images=b * inp.images_per_row) if first else 0.0
+        vision = 0.0
+        if first and not inp.freeze_vision:
+            n_img = b * inp.images_per_row
+            vision = vision_activation_bytes(shape, n_img * patches_per_image, tp, e, images=n_img,
+                                             recompute=inp.vision_recompute)
+            if inp.vision_recompute:  # one block recomputed at a time in backward
+                transient += vision_forward_bytes(shape, n_img * patches_per_image, tp, e, images=n_img)
+        elif first and v is not None:  # a frozen tower runs without saving anything: its forward temporaries
+            n_img = b * inp.images_per_row
+            transient += vision_forward_bytes(shape, n_img * patches_per_image, tp, e, images=n_img)
         loss = _loss_bytes(inp, b, s) if last else 0.0
         activations = in_flight * (saved + vision) + transient + loss
         kv = rows * prompt_cache * layers * 2 * max(d.num_kv_heads / tp, 1) * d.head_dim * e
@@ -411,7 +429,8 @@ def plan_memory(inp: PlanInputs) -> Plan:
         total -= shape.padded_vocab_size * d.hidden_size  # the last stage's copy is not a separate parameter
     frozen_total = v.frozen_numel if v is not None else 0
     model_ckpt = (total + frozen_total) * e
-    ckpt = model_ckpt + total * (12 if inp.dtype == "bf16" else 8)
+    trainable = total - (v.total_params if v is not None and inp.freeze_vision else 0)
+    ckpt = model_ckpt + trainable * (12 if inp.dtype == "bf16" else 8)
     notes = []
     if inp.recompute_granularity == "full":
         notes.append(f"full recompute ({inp.recompute_method}, {inp.recompute_num_layers} layer(s)/chunk): one "
