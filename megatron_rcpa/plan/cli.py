@@ -286,7 +286,7 @@ def format_plan(plan: Plan, *, gpu_name: str, assumptions: Sequence[str] = (), p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)  # key=value overrides may come between the flags
     try:
         cfg, values, unknown = load_plan_config(args.config, args.overrides)
         plan, notes = plan_from_config(cfg, values, hf_config=args.hf_config, gpu=args.gpu,
