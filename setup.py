@@ -41,6 +41,7 @@ setup(
         "console_scripts": [
             "rcpa-train=megatron_rcpa.train.cli:main",
             "rcpa-plot=megatron_rcpa.train.plot:main",
+            "rcpa-plan=megatron_rcpa.plan.cli:main",
         ],
     },
     extras_require={

@@ -92,6 +92,10 @@ class ModelConfig:
     freeze_projector: bool = False  # VLMs: freeze the vision-to-language projector (Qwen2.5-VL: the merger) too
     dtype: str = "fp32"  # fp32 | bf16
     reference_checkpoint: Optional[str] = None  # frozen reference; default = the initial policy
+    # activation recomputation of the decoder (megatron TransformerConfig; megatron_rcpa.plan.recompute_overrides)
+    recompute_granularity: Optional[str] = None  # None (off) | full (whole layers) | selective (core attention)
+    recompute_method: Optional[str] = None  # full only: uniform (chunks of recompute_num_layers) | block
+    recompute_num_layers: Optional[int] = None  # full only: layers per chunk (uniform) / recomputed per stage (block)
 
     def __post_init__(self) -> None:
         _check_choice("model", "family", self.family, tuple(model_families.names()))
@@ -101,6 +105,18 @@ class ModelConfig:
             raise ValueError(f"model.tiny = true and model.checkpoint = {self.checkpoint!r} exclude each other: "
                              "set model.tiny=false to train the checkpoint, or drop model.checkpoint for the tiny "
                              "random model")
+        _check_choice("model", "recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
+        _check_choice("model", "recompute_method", self.recompute_method, (None, "uniform", "block"))
+        if self.recompute_num_layers is not None:
+            _check_int("model", "recompute_num_layers", self.recompute_num_layers, 1)
+        if self.recompute_granularity == "full":
+            if self.recompute_method is None or self.recompute_num_layers is None:
+                raise ValueError("model.recompute_granularity = 'full' needs model.recompute_method (uniform | "
+                                 "block) and model.recompute_num_layers (>= 1)")
+        elif self.recompute_method is not None or self.recompute_num_layers is not None:
+            raise ValueError(f"model.recompute_method = {self.recompute_method!r} / model.recompute_num_layers = "
+                             f"{self.recompute_num_layers!r} apply only with model.recompute_granularity = 'full' "
+                             f"(it is {self.recompute_granularity!r})")
 
 
 @dataclass
