@@ -21,8 +21,6 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
 from megatron_rcpa.plan.memory import GPUS, GiB, Plan, PlanInputs, plan_memory
 
 __all__ = ["PLANNER_KEYS", "build_parser", "main", "plan_from_config", "format_plan"]
@@ -91,16 +89,9 @@ def _split_planner_keys(tree: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str,
 def load_plan_config(path: Optional[str], overrides: Sequence[str]):
     """(TrainConfig, planner-only values, planner-only keys the trainer does not read yet)."""
     from megatron_rcpa.algo.config import from_dict
-    from megatron_rcpa.train.config import TrainConfig, _merge, parse_overrides
+    from megatron_rcpa.train.config import TrainConfig, _load_tree, _merge, parse_overrides
 
-    tree: Dict[str, Any] = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config file {path!r} does not exist")
-        with open(path, encoding="utf-8") as f:
-            tree = yaml.safe_load(f) or {}
-        if not isinstance(tree, dict):
-            raise ValueError(f"config file {path!r}: the top level must be a mapping of sections")
+    tree: Dict[str, Any] = _load_tree(path) if path is not None else {}  # defaults: [...] included
     tree = _merge(tree, parse_overrides(overrides))
     tree, values, unknown = _split_planner_keys(tree)
     where = os.path.basename(path) if path else "config"

@@ -88,6 +88,7 @@ class ModelConfig:
     checkpoint: Optional[str] = None  # a converted megatron checkpoint (tools/convert_hf_to_megatron.py)
     tiny: bool = False  # build a tiny random model from the family's tiny config (demos, tests)
     attention: str = "sdpa"  # core attention: sdpa (torch's fused kernels; GQA without copies) | megatron (unfused)
+    vision_recompute: bool = False  # gradient checkpointing of the HF vision tower's blocks (Qwen2.5-VL)
     freeze_vision: bool = False  # VLMs: train the language model (and projector) only; the vision tower is frozen
     freeze_projector: bool = False  # VLMs: freeze the vision-to-language projector (Qwen2.5-VL: the merger) too
     dtype: str = "fp32"  # fp32 | bf16

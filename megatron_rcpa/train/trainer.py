@@ -77,6 +77,24 @@ def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: boo
     return policy
 
 
+def enable_vision_recompute(policy: torch.nn.Module, cfg: TrainConfig) -> None:
+    """``model.vision_recompute``: the HF vision tower recomputes its blocks in backward instead of keeping their
+    activations (transformers' gradient checkpointing, non-reentrant). A megatron ViT (LLaVA) recomputes with
+    the ``model.recompute_*`` settings instead."""
+    from megatron_rcpa.models import families
+
+    tower = getattr(policy, "vision_model", None)
+    if tower is None:  # a later pipeline stage, or a text model
+        if not families.get(cfg.model.family).param_groups:
+            raise ValueError(f"model.vision_recompute = true but model.family = {cfg.model.family!r} has no vision "
+                             "tower")
+        return
+    if not hasattr(tower, "gradient_checkpointing_enable"):
+        raise ValueError(f"model.vision_recompute = true: the {cfg.model.family!r} vision tower is megatron's ViT; "
+                         "use model.recompute_granularity / recompute_method / recompute_num_layers for it")
+    tower.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def freeze_groups(policy: torch.nn.Module, cfg: TrainConfig) -> int:
     """``model.freeze_vision`` / ``model.freeze_projector``: stop the gradients of the family's vision tower /
     projector parameters on this rank (before DDP and the optimizer are built, so they get no buffers and no
@@ -166,6 +184,8 @@ def build_step_context(cfg: TrainConfig, groups, tok, hf_config, family, *, stop
     check_batch_layout(cfg, groups.dp_size)
     policy = build_policy(cfg, hf_config, **(policy_kwargs or {}))
     freeze_groups(policy, cfg)
+    if cfg.model.vision_recompute:
+        enable_vision_recompute(policy, cfg)
     model = DistributedDataParallel(policy.config, DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, use_distributed_optimizer=cfg.parallel.distributed_optimizer), policy)
     optimizer = get_megatron_optimizer(OptimizerConfig(

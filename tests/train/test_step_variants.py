@@ -125,3 +125,15 @@ def test_freezing_a_text_model_is_a_config_error():
                              "data.prompts_per_step=2", "rcpa.group_size=2", "optim.micro_batch_size=2"])
     with pytest.raises(ValueError, match="model.freeze_vision = true but model.family = 'llama' has no vision"):
         check_runnable(cfg, world_size=1)
+
+
+@pytest.mark.multiproc
+@pytest.mark.megatron
+def test_vision_recompute_keeps_the_numbers():
+    common = ["model.family=qwen2_5_vl", "data.prompts_per_step=2", "rcpa.group_size=2", "optim.micro_batch_size=4"]
+    plain = run_distributed(variant_worker, args=(common,), world_size=1, timeout=300)[0]["history"]
+    ckpt = run_distributed(variant_worker, args=(common + ["model.vision_recompute=true"],), world_size=1,
+                           timeout=300)[0]["history"]
+    for a, b in zip(plain, ckpt):
+        for k in ("loss", "grad_norm", "imit_nll"):
+            assert b[k] == pytest.approx(a[k], rel=1e-6, abs=1e-9), k
