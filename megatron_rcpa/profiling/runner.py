@@ -323,7 +323,9 @@ def profile_precision(cfg, run: PrecisionRun, settings: ProfileSettings, device:
         metrics = phases.update(ctx, traj, optimizer=timed_optimizer)
         timer.stop("train")
         times = timer.end_step(record=it >= settings.warmup, reduce=_max_over_ranks)
-        if traj.old_logp is not None:  # sanity: the cached decode's log-probs vs the recompute
+        if traj.old_logp is None:  # one update per step: the training forward measured it (train/step.py)
+            mismatch = float(metrics.get("logp_mismatch", float("nan")))
+        else:  # sanity: the cached decode's log-probs vs the recompute
             mask = torch.cat([m.gen_mask for m in traj.micro])
             diff = (torch.cat([o.float().cpu() for o in traj.old_logp])
                     - torch.cat([m.rollout_logp for m in traj.micro])).abs()

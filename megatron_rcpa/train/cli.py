@@ -48,7 +48,7 @@ def quiet_missing_extras() -> None:
         warnings.filterwarnings("ignore", message=pattern)
     if os.environ.get("RANK", "0") == "0":
         print(f"[rcpa] {' and '.join(missing)} not installed: megatron-core uses its local torch implementations "
-              "(fine on CPU; install them on GPUs for fused kernels and FP8)", file=sys.stderr)
+              "(fine on CPU; install them on GPUs for fused kernels and FP8)", flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -77,7 +77,7 @@ def test_fp8_megatron_options():
 ])
 def test_cli_rejects_with_exit_status_2(flags, message, tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text("model: {family: gpt, tiny: true}\n")
+    config.write_text("model: {family: llama, tiny: true}\n")
     assert main(["--config", str(config), *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("profile_throughput.py: error: ") and message in err
@@ -85,7 +85,7 @@ def test_cli_rejects_with_exit_status_2(flags, message, tmp_path, capsys):
 
 def test_cli_rejects_bad_config(tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text("model: {family: gpt, tiny: true}\nrun: {stepz: 3}\n")
+    config.write_text("model: {family: llama, tiny: true}\nrun: {stepz: 3}\n")
     assert main(["--config", str(config)]) == 2
     assert "stepz" in capsys.readouterr().err
     assert main(["--config", str(tmp_path / "missing.yaml")]) == 2

@@ -31,5 +31,5 @@ def test_missing_te_and_apex_are_said_once():
             "import megatron.core.optimizer, megatron.core.distributed, megatron.core.models.gpt")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    lines = [ln for ln in proc.stderr.splitlines() if "not installed" in ln]
+    lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "not installed" in ln]
     assert len(lines) == 1 and lines[0].startswith("[rcpa] Transformer Engine and apex not installed"), lines
