@@ -21,31 +21,31 @@ SCHEDULES = ("familiarity", "step_linear", "step_cosine", "step_exponential", "c
 FAMILIARITY_SIGNALS = ("reward", "success")
 
 
-def _fail(owner: str, name: str, value: Any, expected: str) -> None:
+def fail(owner: str, name: str, value: Any, expected: str) -> None:
     raise ValueError(f"{owner}.{name} = {value!r} is out of range: expected {expected}")
 
 
-def _check_real(owner: str, name: str, value: Any, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
+def check_real(owner: str, name: str, value: Any, lo=None, hi=None, lo_open=False, hi_open=False) -> None:
     """Check that ``value`` is a finite real number inside [lo, hi] (open ends where asked)."""
     lo_s = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
     hi_s = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
     expected = f"{lo_s}{name}{hi_s}" if (lo is not None or hi is not None) else "a finite number"
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        _fail(owner, name, value, f"a finite number with {expected}")
+        fail(owner, name, value, f"a finite number with {expected}")
     if lo is not None and (value < lo or (lo_open and value == lo)):
-        _fail(owner, name, value, expected)
+        fail(owner, name, value, expected)
     if hi is not None and (value > hi or (hi_open and value == hi)):
-        _fail(owner, name, value, expected)
+        fail(owner, name, value, expected)
 
 
-def _check_int(owner: str, name: str, value: Any, lo: int) -> None:
+def check_int(owner: str, name: str, value: Any, lo: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        _fail(owner, name, value, f"an integer >= {lo}")
+        fail(owner, name, value, f"an integer >= {lo}")
 
 
-def _check_choice(owner: str, name: str, value: Any, choices) -> None:
+def check_choice(owner: str, name: str, value: Any, choices) -> None:
     if value not in choices:
-        _fail(owner, name, value, "one of " + ", ".join(repr(c) for c in choices))
+        fail(owner, name, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
 @dataclass
@@ -58,10 +58,10 @@ class AdvantageConfig:
 
     def __post_init__(self) -> None:
         o = type(self).__name__
-        _check_choice(o, "estimator", self.estimator, ADVANTAGE_ESTIMATORS)
-        _check_real(o, "eps", self.eps, lo=0.0)
+        check_choice(o, "estimator", self.estimator, ADVANTAGE_ESTIMATORS)
+        check_real(o, "eps", self.eps, lo=0.0)
         if not isinstance(self.batch_std, bool):
-            _fail(o, "batch_std", self.batch_std, "true or false")
+            fail(o, "batch_std", self.batch_std, "true or false")
 
 
 @dataclass
@@ -81,20 +81,20 @@ class LossConfig:
 
     def __post_init__(self) -> None:
         o = type(self).__name__
-        _check_real(o, "eps_low", self.eps_low, lo=0.0, hi=1.0, hi_open=True)
-        _check_real(o, "eps_high", self.eps_high, lo=0.0)
+        check_real(o, "eps_low", self.eps_low, lo=0.0, hi=1.0, hi_open=True)
+        check_real(o, "eps_high", self.eps_high, lo=0.0)
         if self.dual_clip is not None:
-            _check_real(o, "dual_clip", self.dual_clip, lo=1.0, lo_open=True)
-        _check_choice(o, "ratio_level", self.ratio_level, RATIO_LEVELS)
-        _check_real(o, "beta", self.beta, lo=0.0)
-        _check_choice(o, "kl_type", self.kl_type, KL_ESTIMATORS)
-        _check_real(o, "alpha", self.alpha, lo=0.0)
-        _check_real(o, "lambda_0", self.lambda_0, lo=0.0)
-        _check_choice(o, "aggregation", self.aggregation, AGGREGATIONS)
+            check_real(o, "dual_clip", self.dual_clip, lo=1.0, lo_open=True)
+        check_choice(o, "ratio_level", self.ratio_level, RATIO_LEVELS)
+        check_real(o, "beta", self.beta, lo=0.0)
+        check_choice(o, "kl_type", self.kl_type, KL_ESTIMATORS)
+        check_real(o, "alpha", self.alpha, lo=0.0)
+        check_real(o, "lambda_0", self.lambda_0, lo=0.0)
+        check_choice(o, "aggregation", self.aggregation, AGGREGATIONS)
         if self.max_response_length is not None:
-            _check_int(o, "max_response_length", self.max_response_length, 1)
+            check_int(o, "max_response_length", self.max_response_length, 1)
         if AGGREGATIONS.get(self.aggregation).needs_max_response_length and self.max_response_length is None:
-            _fail(o, "max_response_length", None, f"an integer >= 1 when aggregation = {self.aggregation!r}")
+            fail(o, "max_response_length", None, f"an integer >= 1 when aggregation = {self.aggregation!r}")
 
 
 @dataclass
@@ -119,24 +119,24 @@ class CurriculumConfig:
 
     def __post_init__(self) -> None:
         o = type(self).__name__
-        _check_choice(o, "schedule", self.schedule, SCHEDULES)
-        _check_real(o, "rho_max", self.rho_max, lo=0.0, hi=1.0, hi_open=True)
-        _check_real(o, "probe_fraction", self.probe_fraction, lo=0.0, hi=1.0)
-        _check_real(o, "f_low", self.f_low, lo=0.0, hi=1.0)
-        _check_real(o, "f_high", self.f_high, lo=0.0, hi=1.0)
+        check_choice(o, "schedule", self.schedule, SCHEDULES)
+        check_real(o, "rho_max", self.rho_max, lo=0.0, hi=1.0, hi_open=True)
+        check_real(o, "probe_fraction", self.probe_fraction, lo=0.0, hi=1.0)
+        check_real(o, "f_low", self.f_low, lo=0.0, hi=1.0)
+        check_real(o, "f_high", self.f_high, lo=0.0, hi=1.0)
         if not self.f_high > self.f_low:
-            _fail(o, "f_high", self.f_high, f"f_high > f_low = {self.f_low}")
-        _check_real(o, "gamma", self.gamma, lo=0.0, lo_open=True)
-        _check_real(o, "kappa", self.kappa, lo=0.0)
-        _check_real(o, "ema", self.ema, lo=0.0, hi=1.0, hi_open=True)
-        _check_int(o, "settle_steps", self.settle_steps, 0)
+            fail(o, "f_high", self.f_high, f"f_high > f_low = {self.f_low}")
+        check_real(o, "gamma", self.gamma, lo=0.0, lo_open=True)
+        check_real(o, "kappa", self.kappa, lo=0.0)
+        check_real(o, "ema", self.ema, lo=0.0, hi=1.0, hi_open=True)
+        check_int(o, "settle_steps", self.settle_steps, 0)
         if not isinstance(self.ratchet, bool):
-            _fail(o, "ratchet", self.ratchet, "true or false")
-        _check_int(o, "decay_steps", self.decay_steps, 1)
-        _check_choice(o, "familiarity_signal", self.familiarity_signal, FAMILIARITY_SIGNALS)
-        _check_real(o, "success_threshold", self.success_threshold)
-        _check_real(o, "initial_familiarity", self.initial_familiarity, lo=0.0, hi=1.0)
-        _check_int(o, "seed", self.seed, 0)
+            fail(o, "ratchet", self.ratchet, "true or false")
+        check_int(o, "decay_steps", self.decay_steps, 1)
+        check_choice(o, "familiarity_signal", self.familiarity_signal, FAMILIARITY_SIGNALS)
+        check_real(o, "success_threshold", self.success_threshold)
+        check_real(o, "initial_familiarity", self.initial_familiarity, lo=0.0, hi=1.0)
+        check_int(o, "seed", self.seed, 0)
 
 
 @dataclass
@@ -149,7 +149,7 @@ class RCPAConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
 
     def __post_init__(self) -> None:
-        _check_int(type(self).__name__, "group_size", self.group_size, 1)
+        check_int(type(self).__name__, "group_size", self.group_size, 1)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> RCPAConfig:

@@ -89,10 +89,10 @@ def _split_planner_keys(tree: Dict[str, Any]) -> Tuple[Dict[str, Any], Dict[str,
 def load_plan_config(path: Optional[str], overrides: Sequence[str]):
     """(TrainConfig, planner-only values, planner-only keys the trainer does not read yet)."""
     from megatron_rcpa.algo.config import from_dict
-    from megatron_rcpa.train.config import TrainConfig, _load_tree, _merge, parse_overrides
+    from megatron_rcpa.train.config import TrainConfig, load_config_tree, merge_trees, parse_overrides
 
-    tree: Dict[str, Any] = _load_tree(path) if path is not None else {}  # defaults: [...] included
-    tree = _merge(tree, parse_overrides(overrides))
+    tree: Dict[str, Any] = load_config_tree(path) if path is not None else {}  # defaults: [...] included
+    tree = merge_trees(tree, parse_overrides(overrides))
     tree, values, unknown = _split_planner_keys(tree)
     where = os.path.basename(path) if path else "config"
     cfg = from_dict(TrainConfig, tree, where)

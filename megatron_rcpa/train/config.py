@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import yaml
 
-from megatron_rcpa.algo.config import RCPAConfig, _check_choice, _check_int, _check_real, _fail, from_dict
+from megatron_rcpa.algo.config import RCPAConfig, check_choice, check_int, check_real, fail, from_dict
 from megatron_rcpa.data.image_size import (
     DEFAULT_FACTOR,
     DEFAULT_MAX_PIXELS,
@@ -54,26 +54,26 @@ class RunConfig:
     def __post_init__(self) -> None:
         o = "run"
         if self.cpu_threads is not None:
-            _check_int(o, "cpu_threads", self.cpu_threads, 1)
-        _check_int(o, "steps", self.steps, 1)
-        _check_int(o, "log_interval", self.log_interval, 1)
-        _check_int(o, "save_interval", self.save_interval, 0)
-        _check_int(o, "seed", self.seed, 0)
-        _check_int(o, "keep_last", self.keep_last, 0)
-        _check_choice(o, "kernels", self.kernels, ("auto", "triton", "torch"))
-        _check_choice(o, "mode", self.mode, ("rcpa", "sft"))
-        _check_int(o, "val_interval", self.val_interval, 0)
-        _check_int(o, "val_generations", self.val_generations, 0)
+            check_int(o, "cpu_threads", self.cpu_threads, 1)
+        check_int(o, "steps", self.steps, 1)
+        check_int(o, "log_interval", self.log_interval, 1)
+        check_int(o, "save_interval", self.save_interval, 0)
+        check_int(o, "seed", self.seed, 0)
+        check_int(o, "keep_last", self.keep_last, 0)
+        check_choice(o, "kernels", self.kernels, ("auto", "triton", "torch"))
+        check_choice(o, "mode", self.mode, ("rcpa", "sft"))
+        check_int(o, "val_interval", self.val_interval, 0)
+        check_int(o, "val_generations", self.val_generations, 0)
         if not isinstance(self.save_signals, list) or not all(isinstance(s, str) for s in self.save_signals):
-            _fail(o, "save_signals", self.save_signals, "a list of signal names such as [USR1, TERM]")
+            fail(o, "save_signals", self.save_signals, "a list of signal names such as [USR1, TERM]")
         check_signal_names(self.save_signals)
         if not isinstance(self.stop_file, str):
-            _fail(o, "stop_file", self.stop_file, "a file path, or \"\" for none")
+            fail(o, "stop_file", self.stop_file, "a file path, or \"\" for none")
         if self.save_by_seconds is not None:
-            _check_real(o, "save_by_seconds", self.save_by_seconds, lo=0.0, lo_open=True)
+            check_real(o, "save_by_seconds", self.save_by_seconds, lo=0.0, lo_open=True)
         if not isinstance(self.resume, str) or (self.resume not in ("auto", "never") and not os.path.isdir(
                 self.resume)):
-            _fail(o, "resume", self.resume, "auto, never, or an existing checkpoint directory")
+            fail(o, "resume", self.resume, "auto, never, or an existing checkpoint directory")
 
     def stop_file_path(self) -> Optional[str]:
         """The stop-request file (absolute, or under output_dir), None when off."""
@@ -99,17 +99,17 @@ class ModelConfig:
     recompute_num_layers: Optional[int] = None  # full only: layers per chunk (uniform) / recomputed per stage (block)
 
     def __post_init__(self) -> None:
-        _check_choice("model", "family", self.family, tuple(model_families.names()))
-        _check_choice("model", "attention", self.attention, ("sdpa", "megatron"))
-        _check_choice("model", "dtype", self.dtype, ("fp32", "bf16"))
+        check_choice("model", "family", self.family, tuple(model_families.names()))
+        check_choice("model", "attention", self.attention, ("sdpa", "megatron"))
+        check_choice("model", "dtype", self.dtype, ("fp32", "bf16"))
         if self.tiny and self.checkpoint:
             raise ValueError(f"model.tiny = true and model.checkpoint = {self.checkpoint!r} exclude each other: "
                              "set model.tiny=false to train the checkpoint, or drop model.checkpoint for the tiny "
                              "random model")
-        _check_choice("model", "recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
-        _check_choice("model", "recompute_method", self.recompute_method, (None, "uniform", "block"))
+        check_choice("model", "recompute_granularity", self.recompute_granularity, (None, "full", "selective"))
+        check_choice("model", "recompute_method", self.recompute_method, (None, "uniform", "block"))
         if self.recompute_num_layers is not None:
-            _check_int("model", "recompute_num_layers", self.recompute_num_layers, 1)
+            check_int("model", "recompute_num_layers", self.recompute_num_layers, 1)
         if self.recompute_granularity == "full":
             if self.recompute_method is None or self.recompute_num_layers is None:
                 raise ValueError("model.recompute_granularity = 'full' needs model.recompute_method (uniform | "
@@ -127,8 +127,8 @@ class ParallelConfig:
     distributed_optimizer: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("parallel", "tp", self.tp, 1)
-        _check_int("parallel", "pp", self.pp, 1)
+        check_int("parallel", "tp", self.tp, 1)
+        check_int("parallel", "pp", self.pp, 1)
 
 
 @dataclass
@@ -153,16 +153,16 @@ class DataConfig:
     oversize: str = "skip"  # skip | resize (to the processor's smart_resize size)
 
     def __post_init__(self) -> None:
-        _check_int("data", "max_prompt_tokens", self.max_prompt_tokens, 1)
-        _check_choice("data", "oversize", self.oversize, OVERSIZE_MODES)
+        check_int("data", "max_prompt_tokens", self.max_prompt_tokens, 1)
+        check_choice("data", "oversize", self.oversize, OVERSIZE_MODES)
         check_pixel_limits(self.min_pixels, self.max_pixels, "data", DEFAULT_FACTOR)
-        _check_int("data", "synthetic_size", self.synthetic_size, 1)
-        _check_choice("data", "synthetic", self.synthetic, ("counting", "geometry"))
-        _check_choice("data", "synthetic_reference", self.synthetic_reference, ("full", "short"))
-        _check_int("data", "image_size", self.image_size, 28)
-        _check_int("data", "prompts_per_step", self.prompts_per_step, 1)
-        _check_int("data", "val_max_samples", self.val_max_samples, 0)
-        _check_int("data", "val_synthetic_size", self.val_synthetic_size, 0)
+        check_int("data", "synthetic_size", self.synthetic_size, 1)
+        check_choice("data", "synthetic", self.synthetic, ("counting", "geometry"))
+        check_choice("data", "synthetic_reference", self.synthetic_reference, ("full", "short"))
+        check_int("data", "image_size", self.image_size, 28)
+        check_int("data", "prompts_per_step", self.prompts_per_step, 1)
+        check_int("data", "val_max_samples", self.val_max_samples, 0)
+        check_int("data", "val_synthetic_size", self.val_synthetic_size, 0)
 
     def reader_config(self, **overrides: Any):
         """The :class:`~megatron_rcpa.data.readers.ReaderConfig` these options ask for (``overrides`` are its
@@ -187,12 +187,12 @@ class RolloutConfig:
     stop_check_every: int = 8  # static decode: host checks of stop strings / all-finished every k tokens
 
     def __post_init__(self) -> None:
-        _check_choice("rollout", "decode", self.decode, ("static", "reference"))
-        _check_int("rollout", "max_rows", self.max_rows, 1)
-        _check_int("rollout", "stop_check_every", self.stop_check_every, 1)
-        _check_real("rollout", "temperature", self.temperature, lo=0.0, lo_open=True)
-        _check_real("rollout", "top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
-        _check_int("rollout", "max_new_tokens", self.max_new_tokens, 1)
+        check_choice("rollout", "decode", self.decode, ("static", "reference"))
+        check_int("rollout", "max_rows", self.max_rows, 1)
+        check_int("rollout", "stop_check_every", self.stop_check_every, 1)
+        check_real("rollout", "temperature", self.temperature, lo=0.0, lo_open=True)
+        check_real("rollout", "top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
+        check_int("rollout", "max_new_tokens", self.max_new_tokens, 1)
 
 
 @dataclass
@@ -212,14 +212,14 @@ class OptimConfig:
     max_skipped_updates: int = 5  # stop after this many consecutive updates skipped for a non-finite grad norm
 
     def __post_init__(self) -> None:
-        _check_real("optim", "lr", self.lr, lo=0.0)
-        _check_choice("optim", "lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
-        _check_int("optim", "warmup_steps", self.warmup_steps, 0)
-        _check_real("optim", "clip_grad", self.clip_grad, lo=0.0)
-        _check_int("optim", "micro_batch_size", self.micro_batch_size, 1)
-        _check_int("optim", "updates_per_step", self.updates_per_step, 1)
-        _check_choice("optim", "recompute_old_logp", self.recompute_old_logp, ("auto", "always"))
-        _check_int("optim", "max_skipped_updates", self.max_skipped_updates, 1)
+        check_real("optim", "lr", self.lr, lo=0.0)
+        check_choice("optim", "lr_schedule", self.lr_schedule, ("constant", "cosine", "linear"))
+        check_int("optim", "warmup_steps", self.warmup_steps, 0)
+        check_real("optim", "clip_grad", self.clip_grad, lo=0.0)
+        check_int("optim", "micro_batch_size", self.micro_batch_size, 1)
+        check_int("optim", "updates_per_step", self.updates_per_step, 1)
+        check_choice("optim", "recompute_old_logp", self.recompute_old_logp, ("auto", "always"))
+        check_int("optim", "max_skipped_updates", self.max_skipped_updates, 1)
 
 
 @dataclass
@@ -232,10 +232,10 @@ class RewardConfig:
         from megatron_rcpa.rewards.adapters import API_STYLES
 
         if not isinstance(self.name, str) or not self.name:
-            _fail("reward", "name", self.name, "a registered reward name or an import path 'pkg.module:function'")
+            fail("reward", "name", self.name, "a registered reward name or an import path 'pkg.module:function'")
         if not isinstance(self.kwargs, dict):
-            _fail("reward", "kwargs", self.kwargs, "a mapping of keyword arguments, e.g. {preset: boxed}")
-        _check_choice("reward", "api", self.api, API_STYLES)
+            fail("reward", "kwargs", self.kwargs, "a mapping of keyword arguments, e.g. {preset: boxed}")
+        check_choice("reward", "api", self.api, API_STYLES)
 
 
 @dataclass
@@ -302,17 +302,17 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
     return tree
 
 
-def _merge(base: dict, top: dict) -> dict:
+def merge_trees(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_trees(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
 DEFAULTS_KEY = "defaults"
 
 
-def _load_tree(path: str, chain: Sequence[str] = ()) -> dict:
+def load_config_tree(path: str, chain: Sequence[str] = ()) -> dict:
     """One YAML config file as a tree, with the files its ``defaults:`` list names (paths relative to it)
     merged underneath, in order: a later base overrides an earlier one, the file itself overrides them all."""
     if not os.path.isfile(path):
@@ -336,15 +336,15 @@ def _load_tree(path: str, chain: Sequence[str] = ()) -> dict:
     merged: dict = {}
     for base in bases:
         base_path = base if os.path.isabs(base) else os.path.join(os.path.dirname(path), base)
-        merged = _merge(merged, _load_tree(base_path, list(chain) + [real]))
-    return _merge(merged, tree)
+        merged = merge_trees(merged, load_config_tree(base_path, list(chain) + [real]))
+    return merge_trees(merged, tree)
 
 
 def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> TrainConfig:
     """YAML file (optional; ``defaults: [base.yaml, ...]`` in it extends other files) + overrides -> a
     validated TrainConfig. Errors name the file/key/value."""
-    tree: dict = _load_tree(path) if path is not None else {}
-    tree = _merge(tree, parse_overrides(overrides))
+    tree: dict = load_config_tree(path) if path is not None else {}
+    tree = merge_trees(tree, parse_overrides(overrides))
     where = os.path.basename(path) if path else "config"
     try:
         return from_dict(TrainConfig, tree, where)
