@@ -51,6 +51,35 @@ def prompt_length_check(format_fn: Callable[[Any], Any], max_prompt_tokens: int)
     return accept
 
 
+def prompt_truncator(format_fn: Callable[[Any], Any], max_prompt_tokens: int) -> Callable[[Any], Optional[Any]]:
+    """``data.long_prompts=truncate``: ``sample`` itself when ``format_fn(sample)`` fits in ``max_prompt_tokens``,
+    else a copy whose prompt text keeps its longest tail that fits (the question usually ends a prompt; the
+    images and the chat structure are kept whole), or None when even an empty text does not fit (too many
+    image tokens)."""
+    import dataclasses
+
+    def fits(sample: Any) -> bool:
+        return len(format_fn(sample).prompt_ids) <= max_prompt_tokens
+
+    def truncate(sample: Any) -> Optional[Any]:
+        if fits(sample):
+            return sample
+        text = sample.prompt
+        lo, hi = 0, len(text)  # characters dropped from the left: lo does not fit, hi (all dropped) may
+        if not fits(dataclasses.replace(sample, prompt="")):
+            return None
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if fits(dataclasses.replace(sample, prompt=text[mid:])):
+                hi = mid
+            else:
+                lo = mid
+        meta = dict(sample.meta, truncated_prompt_chars=hi)
+        return dataclasses.replace(sample, prompt=text[hi:], meta=meta)
+
+    return truncate
+
+
 class PromptSampler:
     """Batches of this rank's samples (``next_batch``) or indices (``next_indices``); iterating never ends."""
 

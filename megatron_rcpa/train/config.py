@@ -147,13 +147,15 @@ class DataConfig:
     val_synthetic_size: int = 0  # without data.path and data.val_path: N held-out synthetic samples (another seed)
     shuffle: bool = True
     require_reference: bool = True  # RCPA forces reference prefixes: rows without a text reference are skipped
-    max_prompt_tokens: int = 4096  # longer prompts (image tokens included) are skipped and counted
+    max_prompt_tokens: int = 4096  # longer prompts (image tokens included) are skipped and counted, or truncated
+    long_prompts: str = "skip"  # skip | truncate (keep the prompt text's tail that fits; images are kept whole)
     min_pixels: Optional[int] = DEFAULT_MIN_PIXELS  # Qwen2-VL processor's 56*56; oversize=resize scales smaller up
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS  # its 28*28*1280: larger images are skipped or resized; null: off
     oversize: str = "skip"  # skip | resize (to the processor's smart_resize size)
 
     def __post_init__(self) -> None:
         check_int("data", "max_prompt_tokens", self.max_prompt_tokens, 1)
+        check_choice("data", "long_prompts", self.long_prompts, ("skip", "truncate"))
         check_choice("data", "oversize", self.oversize, OVERSIZE_MODES)
         check_pixel_limits(self.min_pixels, self.max_pixels, "data", DEFAULT_FACTOR)
         check_int("data", "synthetic_size", self.synthetic_size, 1)

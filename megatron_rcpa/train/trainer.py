@@ -247,7 +247,7 @@ class Trainer:
         # the global batch is data.prompts_per_step prompts; this rank loads only its share of them
         self.sampler = PromptSampler(self.dataset, cfg.data.prompts_per_step // self.dp_size, seed=cfg.run.seed,
                                      shuffle=cfg.data.shuffle, dp_rank=self.dp_rank, dp_size=self.dp_size,
-                                     accept=PromptSampler.length_check(self.family.format, cfg.data.max_prompt_tokens))
+                                     accept=self._accept_prompt())
         self.reward = get_reward(cfg.reward.name, api=cfg.reward.api, **cfg.reward.kwargs)
         fit = getattr(self.reward.fn, "fit_references", None)
         if callable(fit):  # e.g. CIDEr-D's document frequencies: once, on the training references (any layout)
@@ -256,6 +256,18 @@ class Trainer:
         self.val_samples = build_val_samples(cfg)
         self.step = 0
         self.logger = MetricsLogger(cfg, enabled=self.is_logger)
+
+    def _accept_prompt(self):
+        """The sampler's check of a drawn sample's prompt length (``data.long_prompts``: skip, or keep it when a
+        truncated text fits)."""
+        from megatron_rcpa.data.sampler import PromptSampler, prompt_truncator
+
+        cfg = self.cfg.data
+        if cfg.long_prompts == "truncate":
+            self._truncate = prompt_truncator(self.family.format, cfg.max_prompt_tokens)
+            return lambda sample: None if self._truncate(sample) is not None else "prompt_too_long"
+        self._truncate = None
+        return PromptSampler.length_check(self.family.format, cfg.max_prompt_tokens)
 
     def reward_fn(self, traj: Trajectory) -> List[float]:
         """The configured reward of this rank's rollouts: decoded responses, the prompts' references and each
@@ -391,6 +403,8 @@ class Trainer:
         ctx, times = self.ctx, {}
         t0 = time.perf_counter()
         samples = self.sampler.next_batch()  # this rank's share; an unreadable image: the next loadable sample
+        if self._truncate is not None:  # data.long_prompts=truncate: the accepted samples' fitting texts
+            samples = [self._truncate(s) for s in samples]
         traj = phases.plan_step(ctx, self.step, [self.family.format(s) for s in samples], samples)
         sft = self.cfg.run.mode == "sft"
         traj = phases.imitate(ctx, traj) if sft else phases.rollout(ctx, traj)
