@@ -102,8 +102,15 @@ def check_knobs(overrides: Dict[str, Any], *, num_layers: int, tp: int, pp: int)
     if overrides.get("sequence_parallel") and tp == 1:
         raise ValueError("parallel.sequence_parallel = true needs parallel.tp > 1 (it splits the sequence over "
                          "the tensor-parallel ranks)")
-    stage_layers(num_layers, pp, overrides.get("num_layers_in_first_pipeline_stage"),
-                 overrides.get("num_layers_in_last_pipeline_stage"))
+    stages = stage_layers(num_layers, pp, overrides.get("num_layers_in_first_pipeline_stage"),
+                          overrides.get("num_layers_in_last_pipeline_stage"))
+    n = overrides.get("recompute_num_layers")
+    if overrides.get("recompute_method") == "uniform" and n is not None and any(k % n for k in stages):
+        # megatron's uniform method recomputes each stage in chunks of n layers (megatron-core 0.16 indexes past
+        # a stage's last layer otherwise)
+        raise ValueError(f"model.recompute_num_layers = {n} must divide the layers of every pipeline stage for "
+                         f"model.recompute_method = uniform (stages hold {stages} layers); use a divisor or "
+                         "recompute_method = block")
 
 
 def sequence_parallel_length(config, seq_len: int) -> int:

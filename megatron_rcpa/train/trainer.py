@@ -61,8 +61,11 @@ def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: boo
     every TP/PP layout. ``build_kwargs`` go to the family's builder (e.g. the profiler's
     ``transformer_layer_spec``)."""
     from megatron_rcpa.models import families
+    from megatron_rcpa.models.parallel_knobs import transformer_overrides
 
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    # the memory knobs (recompute, sequence parallel, uneven stages); a caller's config_overrides win
+    build_kwargs["config_overrides"] = {**transformer_overrides(cfg), **(build_kwargs.get("config_overrides") or {})}
     if cfg.model.tiny:
         family = families.get(cfg.model.family)
         policy = family.build_policy(hf_config, params_dtype=dtype, **build_kwargs)
