@@ -142,8 +142,9 @@ def decoder_transformer_config(dims: DecoderDims, *, tp: int, pp: int, params_dt
                                perform_initialization: bool = True, **overrides: Any):
     """A megatron ``TransformerConfig`` for this decoder on the local (non-TE) layer spec.
 
-    ``overrides`` are passed to ``TransformerConfig`` last (e.g. ``recompute_granularity``,
-    ``sequence_parallel`` on a TE build, ``init_method_std``).
+    ``overrides`` are passed to ``TransformerConfig`` last (e.g. the memory knobs of
+    :func:`~megatron_rcpa.models.parallel_knobs.transformer_overrides`: recompute, ``sequence_parallel``, uneven
+    pipeline stages; or ``init_method_std``).
     """
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig

@@ -17,6 +17,7 @@ policies need to run with them on the local (non-TE) layer spec.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Dict, Iterator, Optional
 
 import torch
@@ -122,6 +123,25 @@ def sequence_parallel_length(config, seq_len: int) -> int:
 
 
 _SP_ATTRS = ("sequence_parallel", "scatter_to_sequence_parallel", "reduce_scatter_embeddings")
+_SP_HOLDERS: weakref.WeakKeyDictionary[torch.nn.Module, list] = weakref.WeakKeyDictionary()
+
+
+def _sp_holders(model: torch.nn.Module) -> list:
+    """(object, attribute) of every sequence-parallel flag in ``model``: its modules' TransformerConfigs and
+    the flags modules copied at build time (the TP linears, the embedding). Found once per model."""
+    holders = _SP_HOLDERS.get(model)
+    if holders is None:
+        seen, holders = set(), []
+        for module in model.modules():
+            config = getattr(module, "config", None)
+            candidates = [(config, "sequence_parallel")] if hasattr(config, "sequence_parallel") else []
+            candidates += [(module, a) for a in _SP_ATTRS if isinstance(getattr(module, a, None), bool)]
+            for obj, attr in candidates:
+                if (id(obj), attr) not in seen:
+                    seen.add((id(obj), attr))
+                    holders.append((obj, attr))
+        _SP_HOLDERS[model] = holders
+    return holders
 
 
 @contextlib.contextmanager
@@ -129,24 +149,11 @@ def sequence_parallel_off(model: torch.nn.Module) -> Iterator[None]:
     """Run the block with sequence parallelism off in ``model`` (its TransformerConfigs and the modules that
     copied the flag at build time: the TP linears, the embedding); restored afterwards. A no-op when it is
     off already (nesting is fine)."""
-    touched = []
-    for module in model.modules():
-        config = getattr(module, "config", None)
-        if config is not None and getattr(config, "sequence_parallel", False):
-            touched.append((config, "sequence_parallel"))
-        for attr in _SP_ATTRS:
-            if getattr(module, attr, False) is True:
-                touched.append((module, attr))
-    seen = set()
-    unique = []
-    for obj, attr in touched:
-        if (id(obj), attr) not in seen:
-            seen.add((id(obj), attr))
-            unique.append((obj, attr))
-    for obj, attr in unique:
+    on = [(obj, attr) for obj, attr in _sp_holders(model) if getattr(obj, attr) is True]
+    for obj, attr in on:
         setattr(obj, attr, False)
     try:
         yield
     finally:
-        for obj, attr in unique:
+        for obj, attr in on:
             setattr(obj, attr, True)

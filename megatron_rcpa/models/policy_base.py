@@ -116,8 +116,9 @@ class DecoderPolicy(MegatronModule):
         )
 
     def cast_to(self, dtype: torch.dtype) -> None:
-        """Make the stage uniform in ``params_dtype`` after the build: the local spec's torch norms are created
-        in fp32 whatever ``params_dtype`` says (as megatron's Float16Module would)."""
+        """Make the stage uniform in ``params_dtype`` after the build: torch norms (megatron's local spec, e.g.
+        in a caller's layer spec) are created in fp32 whatever ``params_dtype`` says (as megatron's
+        Float16Module would)."""
         self.language_model.to(dtype=dtype)
 
     # ------------------------------------------------------------------------------------ megatron glue
@@ -229,6 +230,12 @@ class DecoderPolicy(MegatronModule):
                 Logits come gathered over TP.
             runtime_gather_output: gather the logits over TP (full padded vocabulary on every rank; always
                 so with ``kv_cache``).
+
+        With ``config.sequence_parallel`` the first stage embeds (and scatters in the images) itself, pads the
+        sequence at its end to a multiple of TP and scatters it over TP; the logits come back unpadded (a
+        pipeline schedule must be given the padded length,
+        :func:`~megatron_rcpa.models.parallel_knobs.sequence_parallel_length`). KV-cache passes run with
+        sequence parallelism off.
 
         Returns:
             On the last stage: logits [B, S, V/TP] (padding columns = ``PADDED_VOCAB_LOGIT``), or the loss;
