@@ -184,9 +184,14 @@ def rcpa_loss(
     prompt_ids: Optional[Tensor] = None,
     lambda_t: float = 0.0,
     counts: Optional[GlobalCounts] = None,
+    imitation_weight: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The RCPA loss and its metrics (see the module docstring). Returns (loss, metrics); the loss is a
-    0-dim tensor in logp's dtype, differentiable w.r.t. logp (and entropy); metrics are detached."""
+    0-dim tensor in logp's dtype, differentiable w.r.t. logp (and entropy); metrics are detached.
+
+    ``imitation_weight`` (optional, logp's shape): each constrained token's weight computed over a larger
+    batch than this call's (a micro-batch holding only some of a prompt's rollouts); default
+    :func:`imitation_weights` of this call's tokens."""
     shape = logp.shape
     old = _flat(old_logp, shape, "old_logp")
     adv = _flat(advantages, shape, "advantages")
@@ -196,6 +201,7 @@ def rcpa_loss(
     cons = _flat(constrained_mask, shape, "constrained_mask")
     sids = _flat(seq_ids, shape, "seq_ids")
     pids = _flat(prompt_ids, shape, "prompt_ids")
+    given_iw = _flat(imitation_weight, shape, "imitation_weight")
     lp = logp.reshape(-1)
     if config.beta > 0 and ref is None:
         raise ValueError(f"LossConfig.beta = {config.beta} > 0 needs ref_logp")
@@ -209,6 +215,8 @@ def rcpa_loss(
             raise ValueError("gen_mask and constrained_mask overlap: a token is either forced or generated")
     if counts is None:
         counts = count_tokens(gen, cons, sids, pids)
+        if given_iw is not None and cons is not None:
+            counts = GlobalCounts(counts.num_gen_tokens, counts.num_seqs, float(given_iw.double()[cons].sum()))
 
     seq_idx, nseq = _dense_ids(sids) if sids is not None else (None, 0)
     zero = torch.zeros_like(lp)
@@ -243,7 +251,8 @@ def rcpa_loss(
     agg = (w * term).sum()
     imit = lp.new_zeros(())
     if cons is not None:
-        iw = imitation_weights(cons, sids, pids).to(lp.dtype) / max(counts.num_imit_tokens, 1.0)
+        base = imitation_weights(cons, sids, pids) if given_iw is None else torch.where(cons, given_iw.double(), 0.0)
+        iw = base.to(lp.dtype) / max(counts.num_imit_tokens, 1.0)
         imit = -(iw * torch.where(cons, lp, zero)).sum()
     loss = agg + lambda_t * imit
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
@@ -137,11 +136,19 @@ def plan_hf_to_megatron(hf_dir: str, *, dtype: Optional[str] = None, tp: int = 1
 
 # ------------------------------------------------------------------------------- binding to a policy
 def _decoder_layer_offset(policy: torch.nn.Module) -> int:
-    """Global index of this stage's first decoder layer (megatron's ``layer_number`` is global, 1-based)."""
-    for name, module in policy.named_modules():
-        if re.fullmatch(r"language_model\.decoder\.layers\.0", name) and hasattr(module, "layer_number"):
-            return int(module.layer_number) - 1
-    return 0
+    """Global index of this stage's first decoder layer: megatron's own ``get_transformer_layer_offset`` of the
+    decoder's config (uneven first/last pipeline stages included), checked against the stage's first layer's
+    ``layer_number`` (global, 1-based)."""
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    decoder = getattr(getattr(policy, "language_model", None), "decoder", None)
+    if decoder is None:
+        return 0
+    offset = int(get_transformer_layer_offset(decoder.config))
+    if len(decoder.layers) and int(decoder.layers[0].layer_number) - 1 != offset:
+        raise ConversionError(f"internal: this stage's first decoder layer is global layer "
+                              f"{int(decoder.layers[0].layer_number) - 1} but megatron's layer offset is {offset}")
+    return offset
 
 
 def bind_policy_tensors(policy: torch.nn.Module, family: ModelFamily,

@@ -319,7 +319,8 @@ def policy_attention_kwargs(family: str, attention: str = "sdpa") -> Dict[str, A
         raise ValueError(f"model.attention={attention!r}; expected one of {list(ATTENTION_BACKENDS)}")
     from megatron_rcpa.models import families
 
-    kwargs: Dict[str, Any] = {"transformer_layer_spec": decoder_layer_spec(attention)}
+    # a string: the policies' own local block spec (LocalNorm, sized per stage) with this core attention
+    kwargs: Dict[str, Any] = {"transformer_layer_spec": attention}
     if families.get(family).megatron_vision:
         kwargs["vision_layer_spec"] = vit_layer_spec(attention)
     return kwargs

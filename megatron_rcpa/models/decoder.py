@@ -112,8 +112,13 @@ class DecoderDims:
         )
 
 
-def check_parallel_layout(dims: DecoderDims, *, tp: int, pp: int, padded_vocab_size: int) -> None:
-    """Raise ValueError naming the first size that the TP/PP layout does not divide."""
+def check_parallel_layout(dims: DecoderDims, *, tp: int, pp: int, padded_vocab_size: int,
+                          num_layers_in_first_pipeline_stage: Optional[int] = None,
+                          num_layers_in_last_pipeline_stage: Optional[int] = None) -> None:
+    """Raise ValueError naming the first size that the TP/PP layout does not divide (with uneven first/last
+    pipeline stages, the layers the other stages share)."""
+    from megatron_rcpa.models.parallel_knobs import stage_layers
+
     if tp < 1 or pp < 1:
         raise ValueError(f"tensor/pipeline parallel sizes must be >= 1, got TP={tp} PP={pp}")
     checks = [
@@ -121,11 +126,11 @@ def check_parallel_layout(dims: DecoderDims, *, tp: int, pp: int, padded_vocab_s
         ("num_key_value_heads", dims.num_kv_heads, tp, "TP"),
         ("intermediate_size", dims.ffn_hidden_size, tp, "TP"),
         ("padded vocab size", padded_vocab_size, tp, "TP"),
-        ("num_hidden_layers", dims.num_layers, pp, "PP"),
     ]
     for name, value, size, what in checks:
         if value % size:
             raise ValueError(f"{what}={size} does not divide {name}={value}")
+    stage_layers(dims.num_layers, pp, num_layers_in_first_pipeline_stage, num_layers_in_last_pipeline_stage)
     if dims.num_attention_heads % dims.num_kv_heads:
         raise ValueError(f"num_key_value_heads={dims.num_kv_heads} does not divide "
                          f"num_attention_heads={dims.num_attention_heads}")
@@ -137,8 +142,9 @@ def decoder_transformer_config(dims: DecoderDims, *, tp: int, pp: int, params_dt
                                perform_initialization: bool = True, **overrides: Any):
     """A megatron ``TransformerConfig`` for this decoder on the local (non-TE) layer spec.
 
-    ``overrides`` are passed to ``TransformerConfig`` last (e.g. ``recompute_granularity``,
-    ``sequence_parallel`` on a TE build, ``init_method_std``).
+    ``overrides`` are passed to ``TransformerConfig`` last (e.g. the memory knobs of
+    :func:`~megatron_rcpa.models.parallel_knobs.transformer_overrides`: recompute, ``sequence_parallel``, uneven
+    pipeline stages; or ``init_method_std``).
     """
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig

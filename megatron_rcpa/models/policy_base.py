@@ -26,6 +26,7 @@ from megatron_rcpa.models.decoder import (
     pad_vocab_size,
     parse_dtype,
 )
+from megatron_rcpa.models.parallel_knobs import check_knobs, sequence_parallel_length, sequence_parallel_off
 
 __all__ = ["PADDED_VOCAB_LOGIT", "DecoderPolicy", "build_decoder_policy", "causal_padding_mask", "trainer_forward"]
 
@@ -53,6 +54,20 @@ def causal_padding_mask(key_mask: Optional[torch.Tensor], q_len: int) -> Optiona
     return future | ~key_mask.view(key_mask.shape[0], 1, 1, k_len)
 
 
+def _pad_sequence(input_ids: torch.Tensor, position_ids: Optional[torch.Tensor], key_mask: Optional[torch.Tensor],
+                  pad: int):
+    """Append ``pad`` tokens to a [B, S] batch: token 0, positions continuing the last one, mask 1."""
+    if pad == 0:
+        return input_ids, position_ids, key_mask
+    input_ids = torch.nn.functional.pad(input_ids, (0, pad))
+    if position_ids is not None:
+        steps = torch.arange(1, pad + 1, device=position_ids.device, dtype=position_ids.dtype)
+        position_ids = torch.cat([position_ids, position_ids[..., -1:] + steps], dim=-1)
+    if key_mask is not None:
+        key_mask = torch.nn.functional.pad(key_mask, (0, pad), value=1)
+    return input_ids, position_ids, key_mask
+
+
 def trainer_forward(model: torch.nn.Module, mb: Dict[str, torch.Tensor]):
     """``forward_fn`` for :mod:`megatron_rcpa.train.step`, for every family: ``mb["tokens"]`` [b, s], an
     optional ``mb["attention_mask"]`` and, when the rows hold images, the vision inputs of exactly those rows
@@ -71,7 +86,8 @@ class DecoderPolicy(MegatronModule):
         """The Llama / Qwen2 decoder as ``self.language_model`` (a GPTModel with RoPE, or MRoPE), and the
         attributes the shared forward reads."""
         from megatron.core.models.gpt import GPTModel
-        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        from megatron_rcpa.models.norms import local_block_spec
 
         self.model_type = ModelType.encoder_or_decoder  # read by megatron's pipeline schedules
         self.hf_config = hf_config
@@ -84,21 +100,28 @@ class DecoderPolicy(MegatronModule):
         rope = {"rotary_percent": 1.0} if position_embedding_type == "rope" else {}
         self.language_model = GPTModel(
             config=config,
-            transformer_layer_spec=transformer_layer_spec or get_gpt_layer_local_spec(normalization="RMSNorm"),
+            # the local layer spec with our norms (sequence parallel without TE; uneven stages); a string names
+            # its core attention (megatron | sdpa), a spec replaces it (e.g. Transformer Engine's for FP8)
+            transformer_layer_spec=(local_block_spec(config, "RMSNorm", attention=transformer_layer_spec or "megatron")
+                                    if transformer_layer_spec is None or isinstance(transformer_layer_spec, str)
+                                    else transformer_layer_spec),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=dims.max_position_embeddings,
             pre_process=pre_process,
             post_process=post_process,
             parallel_output=True,
             share_embeddings_and_output_weights=dims.tie_word_embeddings,
+            # with sequence parallel the forward embeds and scatters itself (image features go in first)
+            scatter_embedding_sequence_parallel=False,
             position_embedding_type=position_embedding_type,
             rotary_base=dims.rope_theta,
             **rope,
         )
 
     def cast_to(self, dtype: torch.dtype) -> None:
-        """Make the stage uniform in ``params_dtype`` after the build: the local spec's torch norms are created
-        in fp32 whatever ``params_dtype`` says (as megatron's Float16Module would)."""
+        """Make the stage uniform in ``params_dtype`` after the build: torch norms (megatron's local spec, e.g.
+        in a caller's layer spec) are created in fp32 whatever ``params_dtype`` says (as megatron's
+        Float16Module would)."""
         self.language_model.to(dtype=dtype)
 
     # ------------------------------------------------------------------------------------ megatron glue
@@ -211,10 +234,23 @@ class DecoderPolicy(MegatronModule):
             runtime_gather_output: gather the logits over TP (full padded vocabulary on every rank; always
                 so with ``kv_cache``).
 
+        With ``config.sequence_parallel`` the first stage embeds (and scatters in the images) itself, pads the
+        sequence at its end to a multiple of TP and scatters it over TP; the logits come back unpadded (a
+        pipeline schedule must be given the padded length,
+        :func:`~megatron_rcpa.models.parallel_knobs.sequence_parallel_length`). KV-cache passes run with
+        sequence parallelism off.
+
         Returns:
             On the last stage: logits [B, S, V/TP] (padding columns = ``PADDED_VOCAB_LOGIT``), or the loss;
             on other stages: hidden states [S, B, H] for the next stage.
         """
+        if kv_cache is not None and self.config.sequence_parallel:
+            # a decode step holds one token: KV-cache passes run without sequence parallelism, as megatron's
+            # own inference does (set_model_to_sequence_parallel)
+            with sequence_parallel_off(self):
+                return self.forward(input_ids, position_ids, attention_mask, pixel_values, image_grid_thw,
+                                    labels=labels, loss_fn=loss_fn, kv_cache=kv_cache,
+                                    runtime_gather_output=runtime_gather_output)
         self.check_image_inputs(pixel_values, image_grid_thw)
         seq = input_ids.shape[1]
         prefill = kv_cache is None or kv_cache.seq_len == 0
@@ -226,19 +262,30 @@ class DecoderPolicy(MegatronModule):
         decoder_input = None
         if self.pre_process:
             decoder_input = self.embed_input(input_ids, pixel_values, image_grid_thw, strict=prefill)
-            if decoder_input is not None and self.config.sequence_parallel:
-                # GPTModel does not scatter a decoder_input it is given (untested here: SP needs TE norms).
+        padded = seq
+        if self.config.sequence_parallel:
+            # [S, B, H] -> this rank's [S/TP, B, H]: the sequence is padded at the end to a multiple of TP
+            # (causal attention: the real tokens never see the padding; its outputs are dropped in _finish)
+            padded = sequence_parallel_length(self.config, seq)
+            input_ids, position_ids, key_mask = _pad_sequence(input_ids, position_ids, key_mask, padded - seq)
+            if self.pre_process:
+                if decoder_input is None:
+                    decoder_input = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+                elif padded > seq:
+                    decoder_input = torch.nn.functional.pad(decoder_input, (0, 0, 0, 0, 0, padded - seq))
                 decoder_input = tensor_parallel.scatter_to_sequence_parallel_region(decoder_input)
         output = self.language_model(
             input_ids=input_ids,
             position_ids=position_ids,
-            attention_mask=causal_padding_mask(key_mask, seq),
+            attention_mask=causal_padding_mask(key_mask, padded),
             decoder_input=decoder_input,
             inference_context=kv_cache.context if kv_cache is not None else None,
             runtime_gather_output=runtime_gather_output,
         )
         if kv_cache is not None:
             kv_cache.context.sequence_len_offset += seq
+        if self.post_process and padded > seq:
+            output = output[:, :seq].contiguous()
         return self._finish(output, gathered=runtime_gather_output, labels=labels, loss_fn=loss_fn)
 
     # ---------------------------------------------------------------------------------------- outputs
@@ -303,10 +350,14 @@ def build_decoder_policy(
         padded_vocab_size = pad_vocab_size(dims.vocab_size, make_vocab_size_divisible_by)
     if padded_vocab_size < dims.vocab_size:
         raise ValueError(f"padded_vocab_size={padded_vocab_size} < vocab_size={dims.vocab_size}")
-    check_parallel_layout(dims, tp=tp, pp=pp, padded_vocab_size=padded_vocab_size)
+    overrides = dict(config_overrides or {})
+    check_parallel_layout(dims, tp=tp, pp=pp, padded_vocab_size=padded_vocab_size,
+                          num_layers_in_first_pipeline_stage=overrides.get("num_layers_in_first_pipeline_stage"),
+                          num_layers_in_last_pipeline_stage=overrides.get("num_layers_in_last_pipeline_stage"))
+    check_knobs(overrides, num_layers=dims.num_layers, tp=tp, pp=pp)
     dtype = parse_dtype(params_dtype)
     config = decoder_transformer_config(dims, tp=tp, pp=pp, params_dtype=dtype,
-                                        perform_initialization=perform_initialization, **(config_overrides or {}))
+                                        perform_initialization=perform_initialization, **overrides)
     policy = make_policy(
         config, tp=tp, dtype=dtype, perform_initialization=perform_initialization,
         padded_vocab_size=padded_vocab_size,

@@ -166,6 +166,7 @@ class _TokenInputs:
     lambda_t: float
     counts: GlobalCounts
     kl_id: int  # the KL constexpr: KL_ESTIMATORS' kernel_id; 0 (unused) without ref
+    imitw: Optional[Tensor] = None  # given per-token imitation weights (float64); None: this call's own
 
 
 def _flat(x: Optional[Tensor], shape, name: str) -> Optional[Tensor]:
@@ -178,7 +179,7 @@ def _flat(x: Optional[Tensor], shape, name: str) -> Optional[Tensor]:
 
 
 def _token_inputs(lead, old_logp, advantages, gen_mask, config, ref_logp, constrained_mask, seq_ids,
-                  prompt_ids, lambda_t, counts) -> _TokenInputs:
+                  prompt_ids, lambda_t, counts, imitation_weight=None) -> _TokenInputs:
     if not isinstance(config, LossConfig):
         raise ValueError(f"rcpa_loss_from_logits: config must be a LossConfig, got {type(config).__name__}")
     old = _flat(old_logp, lead, "old_logp")
@@ -202,9 +203,14 @@ def _token_inputs(lead, old_logp, advantages, gen_mask, config, ref_logp, constr
             raise ValueError("gen_mask and constrained_mask overlap: a token is either forced or generated")
     # the KL branch is compiled only with a reference (HAS_REF); resolved here, before any launch
     kl_id = KL_ESTIMATORS.kernel_id(config.kl_type, "ops.rcpa_loss._token_kernel") if ref is not None else 0
+    imitw = _flat(imitation_weight, lead, "imitation_weight")
+    if imitw is not None:
+        imitw = torch.where(cons, imitw.double(), 0.0) if cons is not None else None
     if counts is None:
         counts = count_tokens(gen, cons, sids, pids)
-    return _TokenInputs(old, adv, gen, ref, cons, sids, pids, config, float(lambda_t), counts, kl_id)
+        if imitw is not None:
+            counts = GlobalCounts(counts.num_gen_tokens, counts.num_seqs, float(imitw.sum()))
+    return _TokenInputs(old, adv, gen, ref, cons, sids, pids, config, float(lambda_t), counts, kl_id, imitw)
 
 
 def _token_step(logp: Tensor, ent: Tensor, ti: _TokenInputs) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
@@ -235,7 +241,8 @@ def _token_step(logp: Tensor, ent: Tensor, ti: _TokenInputs) -> Tuple[Tensor, Te
         aggw = token_weights(gen, seq_idx, nseq, cfg, ti.counts).to(f32).contiguous()
     imitw = None
     if ti.cons is not None:
-        imitw = (imitation_weights(ti.cons, ti.sids, ti.pids).to(f32)
+        base = ti.imitw if ti.imitw is not None else imitation_weights(ti.cons, ti.sids, ti.pids)
+        imitw = (base.to(f32)
                  / max(ti.counts.num_imit_tokens, 1.0)).contiguous()
 
     use_alpha = cfg.alpha > 0
@@ -341,6 +348,7 @@ def rcpa_loss_from_logits(
     tp_group=None,
     inplace_backward: bool = False,
     impl: str = "triton",
+    imitation_weight: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Dict[str, Tensor]]:
     """The RCPA loss and its metrics computed from the policy logits, fused (see the module docstring).
 
@@ -355,7 +363,8 @@ def rcpa_loss_from_logits(
     are destroyed by backward, which can then run only once). ``impl="torch"`` runs the plain reference
     (``masked_logprob(impl="torch")`` + ``rcpa_loss``); ``"auto"`` picks triton on CUDA / interpreter.
     Pass ``counts`` (global over micro-batches and data-parallel ranks) to avoid host syncs and to
-    normalise globally.
+    normalise globally, and ``imitation_weight`` (``logits.shape[:-1]``) when the micro-batch holds only some of
+    a prompt's rollouts (see ``algo.loss.rcpa_loss``).
 
     Returns ``(loss, metrics)``: a 0-dim fp32 loss, differentiable w.r.t. ``logits``, and detached metrics.
     """
@@ -365,10 +374,10 @@ def rcpa_loss_from_logits(
                                    vocab_size=vocab_size, return_entropy=True, impl="torch")
         return rcpa_loss(logp, old_logp, advantages, gen_mask, config=config, ref_logp=ref_logp, entropy=ent,
                          constrained_mask=constrained_mask, seq_ids=seq_ids, prompt_ids=prompt_ids,
-                         lambda_t=lambda_t, counts=counts)
+                         lambda_t=lambda_t, counts=counts, imitation_weight=imitation_weight)
     lead = tuple(logits.shape[:-1])
     ti = _token_inputs(lead, old_logp, advantages, gen_mask, config, ref_logp, constrained_mask, seq_ids,
-                       prompt_ids, lambda_t, counts)
+                       prompt_ids, lambda_t, counts, imitation_weight)
     row_mask = ti.gen if ti.cons is None else (ti.gen | ti.cons)
     loss, vec = _RCPAFromLogitsFn.apply(logits, targets, row_mask.view(lead), temperature, tp_group, vocab_size,
                                         ti, bool(inplace_backward))

@@ -134,9 +134,12 @@ class RolloutEngine:
 
     def _generate_rows(self, prompts, rows, gen, device) -> List[Rollout]:
         if self.decode == "static" and self.groups.pp_size == 1:
+            from megatron_rcpa.models.parallel_knobs import sequence_parallel_off
+
             from .static_decode import static_generate_rows
 
-            return static_generate_rows(self, prompts, rows, gen, device)
+            with sequence_parallel_off(self.policy):  # decoding runs without it (parallel.sequence_parallel)
+                return static_generate_rows(self, prompts, rows, gen, device)
         seqs = [prompts[i].prompt_ids + prefix for i, prefix in rows]
         b, width = len(seqs), max(len(s) for s in seqs)
         tokens = torch.full((b, width), self.pad_id, dtype=torch.long)

@@ -25,6 +25,10 @@ records CUDA streams and events in its DDP. :func:`install_cpu_shim` redirects e
    ``torch.cuda.set_stream`` and ``Tensor.record_stream`` are no-ops and ``torch.cuda.stream(...)`` an empty
    context. CPU work is synchronous, so waiting on nothing is correct.
 
+5. **Recompute.** megatron's checkpoint functions (activation recompute) run their backward with the mode in
+   (3) pushed again: torch pops a mode while its handler runs ``torch.autograd.backward``, and the recomputed
+   forward inside creates CUDA tensors.
+
 ``torch.cuda.is_available()`` keeps answering False. Everything is undone by :func:`uninstall_cpu_shim`.
 
 The mode in (3) lives on torch's thread-local mode stack: it covers the thread that called
@@ -254,6 +258,38 @@ def _patch_megatron_rng_references() -> int:
     return patched
 
 
+def _patch_megatron_checkpoint_backward() -> int:
+    """Keep the mode on while megatron's activation-recompute functions recompute in backward.
+
+    ``torch.autograd.backward`` itself passes through :class:`CudaToCpuMode`, and torch pops a mode while its
+    handler runs, so Python code that the autograd engine runs inside (a checkpoint's recomputed forward,
+    which creates ``device="cuda"`` masks) would run without it. Returns how many backwards were wrapped."""
+    try:
+        from megatron.core.tensor_parallel import random as mcore_random
+    except ImportError:
+        return 0
+    from torch.overrides import _get_current_function_mode_stack
+
+    patched = 0
+    for cls_name in ("CheckpointFunction", "CheckpointWithoutOutputFunction"):
+        cls = getattr(mcore_random, cls_name, None)
+        original = vars(cls).get("backward") if cls is not None else None
+        if original is None or getattr(original, "_rcpa_cpu_shim", False):
+            continue
+        inner = original.__func__ if isinstance(original, staticmethod) else original
+
+        def backward(ctx, *grads, _inner=inner):
+            if _MODE is None or any(m is _MODE for m in _get_current_function_mode_stack()):
+                return _inner(ctx, *grads)
+            with _MODE:
+                return _inner(ctx, *grads)
+
+        backward._rcpa_cpu_shim = True
+        _patch(cls, "backward", staticmethod(backward))
+        patched += 1
+    return patched
+
+
 def _torch_cuda_patches() -> List[Tuple[Any, str, Callable]]:
     cuda, cuda_random = torch.cuda, torch.cuda.random
     rng = {
@@ -301,6 +337,7 @@ def install_cpu_shim() -> bool:
         mode.__enter__()  # pushed for the rest of this thread's life (until uninstall_cpu_shim)
         _MODE = mode
     _patch_megatron_rng_references()
+    _patch_megatron_checkpoint_backward()
     return True
 
 

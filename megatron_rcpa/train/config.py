@@ -125,10 +125,26 @@ class ParallelConfig:
     tp: int = 1  # tensor parallel size
     pp: int = 1  # pipeline parallel size; data parallel = world_size / (tp * pp)
     distributed_optimizer: bool = False
+    # memory knobs (models/parallel_knobs.py), all without TE/apex:
+    sequence_parallel: bool = False  # split the activations between the TP linears over the sequence (needs tp > 1)
+    num_layers_in_first_pipeline_stage: Optional[int] = None  # uneven stages: layers of the first stage (pp > 1)
+    num_layers_in_last_pipeline_stage: Optional[int] = None  # ... of the last stage; the rest split evenly
 
     def __post_init__(self) -> None:
         check_int("parallel", "tp", self.tp, 1)
         check_int("parallel", "pp", self.pp, 1)
+        if not isinstance(self.sequence_parallel, bool):
+            fail("parallel", "sequence_parallel", self.sequence_parallel, "true or false")
+        if self.sequence_parallel and self.tp == 1:
+            raise ValueError("parallel.sequence_parallel = true needs parallel.tp > 1 (it splits the sequence over "
+                             "the tensor-parallel ranks), got parallel.tp = 1")
+        for key in ("num_layers_in_first_pipeline_stage", "num_layers_in_last_pipeline_stage"):
+            value = getattr(self, key)
+            if value is not None:
+                check_int("parallel", key, value, 1)
+                if self.pp == 1:
+                    raise ValueError(f"parallel.{key} = {value} needs parallel.pp > 1 (uneven pipeline stages), "
+                                     "got parallel.pp = 1")
 
 
 @dataclass

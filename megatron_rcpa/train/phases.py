@@ -106,10 +106,7 @@ def check_batch_layout(cfg, dp_size: int) -> None:
         raise StepConfigError(f"data.prompts_per_step = {b} (the global number of prompts per step) must be a "
                               f"multiple of the data-parallel size {dp_size}")
     rows = b // dp_size * g
-    mbs = min(cfg.optim.micro_batch_size, rows)
-    if mbs % g:
-        raise StepConfigError(f"optim.micro_batch_size = {cfg.optim.micro_batch_size} must be a multiple of "
-                              f"rcpa.group_size = {g}: a prompt's rollouts must stay in one micro-batch")
+    mbs = min(cfg.optim.micro_batch_size, rows)  # a prompt's rollouts may span micro-batches (train/step.py)
     if rows % mbs:
         raise StepConfigError(f"{rows} rollouts per data-parallel rank (data.prompts_per_step / DP x "
                               f"rcpa.group_size = {b} / {dp_size} x {g}) do not split into micro-batches of "
@@ -118,6 +115,11 @@ def check_batch_layout(cfg, dp_size: int) -> None:
     if n_micro % n_up:
         raise StepConfigError(f"optim.updates_per_step = {n_up} must divide the {n_micro} micro-batches per step "
                               f"({rows} rollouts per rank / optim.micro_batch_size = {mbs})")
+    if (n_micro // n_up * mbs) % g:
+        # each update is one loss over its micro-batches: a prompt's rollouts must not span two updates
+        raise StepConfigError(f"optim.updates_per_step = {n_up}: each update's {n_micro // n_up} micro-batches x "
+                              f"optim.micro_batch_size = {mbs} rollouts must be a multiple of rcpa.group_size = "
+                              f"{g} (a prompt's rollouts stay in one update)")
 
 
 def lr_at(cfg, step: int) -> float:

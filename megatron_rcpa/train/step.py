@@ -8,7 +8,9 @@ Normalisation is global (RCPA_SPEC section 4): the token / sequence / imitation 
 over every micro-batch and data-parallel rank are computed first (:func:`global_counts`) and every
 micro-batch's loss is divided by them, so the micro-batch losses SUM to the batch loss. Megatron's schedule
 divides each micro-batch loss by the number of micro-batches and DDP averages gradients over data-parallel
-ranks; the loss handed to backward is multiplied by both so the gradient is that of the batch loss.
+ranks; the loss handed to backward is multiplied by both so the gradient is that of the batch loss. A prompt's
+rollouts may span micro-batches: the imitation term's per-token weights are computed over all of them
+(:func:`batch_imitation_weights`) and handed to each micro-batch's loss.
 
 Forward-only passes (:func:`compute_logprobs`) give the old-policy and reference log-probs on the last
 pipeline stage, the only stage that computes the loss.
@@ -39,16 +41,46 @@ def default_forward(model: torch.nn.Module, mb: Dict[str, torch.Tensor]) -> torc
     return model(mb["tokens"], position_ids, None)
 
 
-def split_micro_batches(batch: RolloutBatch, micro_batch_size: int, group_size: int) -> List[RolloutBatch]:
-    """Fixed-shape micro-batches (pipeline parallelism needs one shape) of whole groups (the imitation term
-    counts a prompt's shared prefix once within one loss call)."""
+def split_micro_batches(batch: RolloutBatch, micro_batch_size: int,
+                        group_size: Optional[int] = None) -> List[RolloutBatch]:
+    """Fixed-shape micro-batches (pipeline parallelism needs one shape) of ``micro_batch_size`` consecutive
+    rollouts. A prompt's rollouts may span micro-batches: :func:`train_step` weights the imitation term over
+    all the micro-batches it is given (:func:`batch_imitation_weights`). ``group_size`` is accepted for
+    callers of the former API (micro-batches had to hold whole groups) and no longer constrains the split."""
     n = batch.num_rollouts
-    if micro_batch_size % group_size:
-        raise ValueError(f"optim.micro_batch_size = {micro_batch_size} must be a multiple of rcpa.group_size = "
-                         f"{group_size}: a prompt's rollouts must stay in one micro-batch")
+    if isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int) or micro_batch_size < 1:
+        raise ValueError(f"optim.micro_batch_size = {micro_batch_size!r}: expected an integer >= 1")
     if n % micro_batch_size:
         raise ValueError(f"{n} rollouts per rank do not split into micro-batches of {micro_batch_size}")
     return [batch.select(range(i, i + micro_batch_size)) for i in range(0, n, micro_batch_size)]
+
+
+def batch_imitation_weights(micro_batches: List[RolloutBatch]) -> List[torch.Tensor]:
+    """Per micro-batch, each constrained token's imitation weight [b, s] (float64) over ALL the micro-batches:
+    1 / (number of rollouts of its prompt holding a constrained token in the whole list), 0 elsewhere
+    (``algo.loss.imitation_weights`` counts only one loss call's rollouts). A rollout is a row of one
+    micro-batch (``seq_ids`` are per micro-batch: length buckets pack each one on its own); prompts are
+    matched by ``prompt_ids`` across micro-batches. Where every micro-batch holds its prompts' rollouts whole,
+    the weights equal ``imitation_weights`` of each micro-batch exactly."""
+    per_mb = []
+    for mb in micro_batches:
+        cons = mb.constrained_mask.reshape(-1).bool()
+        sids, pids = mb.seq_ids.reshape(-1), mb.prompt_ids.reshape(-1)
+        # the (rollout, prompt) pairs of this micro-batch's rollouts that hold a constrained token
+        pairs = torch.unique(torch.stack([sids[cons], pids[cons]], dim=1), dim=0) if bool(cons.any()) else None
+        per_mb.append((cons, pids, pairs))
+    held = [p[:, 1] for _, _, p in per_mb if p is not None]
+    if not held:
+        return [torch.zeros(mb.constrained_mask.shape, dtype=torch.float64) for mb in micro_batches]
+    prompts, rollouts = torch.unique(torch.cat(held), return_counts=True)
+    out = []
+    for mb, (cons, pids, _) in zip(micro_batches, per_mb):
+        w = torch.zeros(cons.shape, dtype=torch.float64)
+        if bool(cons.any()):
+            n = rollouts[torch.searchsorted(prompts, pids[cons])].to(torch.float64)
+            w[cons] = 1.0 / n.clamp_min(1.0)
+        out.append(w.view(mb.constrained_mask.shape))
+    return out
 
 
 def resolve_groups(groups=None):
@@ -60,11 +92,17 @@ def resolve_groups(groups=None):
     return ParallelGroups.from_parallel_state()
 
 
-def global_counts(micro_batches: List[RolloutBatch], dp_group=None) -> GlobalCounts:
-    """The normalisers of the whole batch: summed over micro-batches, all-reduced over data parallel."""
+def global_counts(micro_batches: List[RolloutBatch], dp_group=None,
+                  imitation: Optional[List[torch.Tensor]] = None) -> GlobalCounts:
+    """The normalisers of the whole batch: summed over micro-batches, all-reduced over data parallel.
+    ``imitation``: :func:`batch_imitation_weights` of the micro-batches (the imitation count is their sum;
+    default: each micro-batch's own weights, right only when it holds its prompts' rollouts whole)."""
     total = GlobalCounts(0.0, 0.0, 0.0)
-    for mb in micro_batches:
-        total = total + count_tokens(mb.gen_mask, mb.constrained_mask, mb.seq_ids, mb.prompt_ids)
+    for i, mb in enumerate(micro_batches):
+        c = count_tokens(mb.gen_mask, mb.constrained_mask, mb.seq_ids, mb.prompt_ids)
+        if imitation is not None:
+            c = GlobalCounts(c.num_gen_tokens, c.num_seqs, float(imitation[i].sum()))
+        total = total + c
     return total.all_reduce(dp_group)
 
 
@@ -103,7 +141,7 @@ def _loss_func(cfg: StepConfig, counts: GlobalCounts, scale: float, tp_group, mb
         output_tensor, mb["targets"], old_logp, mb["advantages"], mb["gen_mask"], config=cfg.loss,
         ref_logp=mb.get("ref_logp"), constrained_mask=mb["constrained_mask"], seq_ids=mb["seq_ids"],
         prompt_ids=mb["prompt_ids"], lambda_t=cfg.lambda_t, counts=counts, temperature=cfg.temperature,
-        vocab_size=cfg.vocab_size, tp_group=tp_group, impl=cfg.impl)
+        vocab_size=cfg.vocab_size, tp_group=tp_group, impl=cfg.impl, imitation_weight=mb.get("imitation_weight"))
     metrics.update(extra)
     return loss * scale, metrics
 
@@ -126,7 +164,12 @@ def _run_schedule(model, micro: List[Dict[str, torch.Tensor]], loss_factory, for
                   forward_only: bool):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    from megatron_rcpa.models.parallel_knobs import sequence_parallel_length
+
     b, s = micro[0]["tokens"].shape
+    config = getattr(model, "config", None)
+    if config is not None:  # with sequence parallelism the policy pads to a multiple of TP: stage messages too
+        s = sequence_parallel_length(config, s)
     return get_forward_backward_func()(
         forward_step_func=partial(_forward_step, loss_factory, forward_fn), data_iterator=iter(micro),
         model=[model], num_microbatches=len(micro), seq_length=s, micro_batch_size=b, forward_only=forward_only)
@@ -162,11 +205,14 @@ def train_step(model, optimizer, micro_batches: List[RolloutBatch], old_logp: Op
     groups = resolve_groups(groups)
     device = next(model.parameters()).device
     dp_group, dp_size = groups.dp_group, groups.dp_size
-    counts = global_counts(micro_batches, dp_group)
+    imitation = batch_imitation_weights(micro_batches)  # a prompt's rollouts may span micro-batches
+    counts = global_counts(micro_batches, dp_group, imitation)
     last = groups.is_last_stage
     micro = []
     for i, mb in enumerate(micro_batches):
         extra = dict(extras[i]) if extras else {}
+        if last:
+            extra["imitation_weight"] = imitation[i]
         if last and old_logp is not None:  # only the last stage reads the per-token inputs of the loss
             extra["old_logp"] = old_logp[i]
         if last and ref_logp is not None:

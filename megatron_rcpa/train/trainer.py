@@ -62,10 +62,13 @@ def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: boo
     ``transformer_layer_spec``)."""
     from megatron_rcpa.models import families
     from megatron_rcpa.models.attention import policy_attention_kwargs
+    from megatron_rcpa.models.parallel_knobs import transformer_overrides
 
     if "transformer_layer_spec" not in build_kwargs:  # (the profiler's FP8 run brings TE's spec)
         build_kwargs = {**policy_attention_kwargs(cfg.model.family, cfg.model.attention), **build_kwargs}
     dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    # the memory knobs (recompute, sequence parallel, uneven stages); a caller's config_overrides win
+    build_kwargs["config_overrides"] = {**transformer_overrides(cfg), **(build_kwargs.get("config_overrides") or {})}
     if cfg.model.tiny:
         family = families.get(cfg.model.family)
         policy = family.build_policy(hf_config, params_dtype=dtype, **build_kwargs)

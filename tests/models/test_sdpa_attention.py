@@ -177,7 +177,7 @@ def test_specs_swap_only_the_core_attention():
     assert vit_layer_spec().submodules.self_attention.params == {"attn_mask_type": AttnMaskType.no_mask}
     assert decoder_layer_spec().submodules.self_attention.params == {"attn_mask_type": AttnMaskType.causal}
     kw = policy_attention_kwargs("llava", "sdpa")
-    assert sorted(kw) == ["transformer_layer_spec", "vision_layer_spec"]
+    assert sorted(kw) == ["transformer_layer_spec", "vision_layer_spec"] and kw["transformer_layer_spec"] == "sdpa"
     assert sorted(policy_attention_kwargs("qwen2_5_vl", "megatron")) == ["transformer_layer_spec"]
     with pytest.raises(ValueError, match="model.attention='flash'"):
         decoder_layer_spec("flash")
@@ -385,6 +385,12 @@ def _build_pair(family, hf_config, std=0.05):
     init_global_weights(ours.language_model, seed=11, std=std)
     if family == "llava" and ours.vision_model is not None:
         init_global_weights(ours.vision_model, seed=12, std=std)
+    from megatron_rcpa.models.attention import SDPACoreAttention
+    from megatron_rcpa.models.norms import LocalNorm
+
+    # the attention swap sits on the policies' own block spec: SDPA and our sequence-parallel-ready norms
+    assert any(isinstance(m, SDPACoreAttention) for m in ours.language_model.modules())
+    assert any(isinstance(m, LocalNorm) for m in ours.language_model.modules())
     theirs = fam.build_policy(hf_config, **policy_attention_kwargs(family, "megatron"))
     default = fam.build_policy(hf_config)
     names = {name: (list(m.state_dict()), [n for n, _ in m.named_parameters()], sorted(m.sharded_state_dict()))

@@ -35,15 +35,18 @@ def test_pack_puts_prefix_and_generation_on_their_targets():
     assert m["imit_nll"].item() == pytest.approx(1.0)
 
 
-def test_micro_batches_keep_groups_whole_and_bad_packs_are_named():
+def test_micro_batches_split_consecutive_rows_and_bad_packs_are_named():
     from megatron_rcpa.train.step import split_micro_batches  # the trainer's micro-batching of a pack
 
     rs = [Rollout(g, [1], [2], [3], [0.0]) for g in (0, 0, 0, 1, 1, 1, 2, 2, 2)]
     b = pack_rollouts(rs, [0.0] * 9, pad_id=0)
     micro = split_micro_batches(b, micro_batch_size=3, group_size=3)
     assert [mb.prompt_ids[:, 0].tolist() for mb in micro] == [[0, 0, 0], [1, 1, 1], [2, 2, 2]]
-    with pytest.raises(ValueError, match="must be a multiple of rcpa.group_size = 3"):
-        split_micro_batches(b, micro_batch_size=2, group_size=3)
+    # a prompt's rollouts may span micro-batches now (the imitation weights are taken over the whole batch)
+    assert [mb.prompt_ids[:, 0].tolist() for mb in split_micro_batches(b, micro_batch_size=1)] == [
+        [g] for g in (0, 0, 0, 1, 1, 1, 2, 2, 2)]
+    with pytest.raises(ValueError, match="9 rollouts per rank do not split into micro-batches of 2"):
+        split_micro_batches(b, micro_batch_size=2)
     with pytest.raises(ValueError, match="rollouts of prompt 0 are not consecutive"):
         pack_rollouts([rs[0], rs[3], rs[1]], [0.0] * 3, pad_id=0)
     with pytest.raises(ValueError, match="2 generated tokens but 1 rollout log-probs"):

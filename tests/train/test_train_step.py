@@ -119,11 +119,12 @@ def test_layouts_and_kernels_match_the_reference(layout, impl, reference):
         torch.testing.assert_close(got["params"][k], v, rtol=1e-5, atol=0.05 * LR, msg=lambda m, k=k: f"{k}: {m}")
 
 
-def test_micro_batches_must_hold_whole_groups():
+def test_micro_batches_may_split_groups_but_must_divide_the_batch():
     from megatron_rcpa.train.step import split_micro_batches
 
     rollouts, adv = make_rollouts()
     batch = pack_rollouts(rollouts, adv, pad_id=0)
-    with pytest.raises(ValueError, match="micro_batch_size = 3 must be a multiple of rcpa.group_size = 2"):
+    with pytest.raises(ValueError, match="8 rollouts per rank do not split into micro-batches of 3"):
         split_micro_batches(batch, 3, 2)
     assert [m.num_rollouts for m in split_micro_batches(batch, 4, 2)] == [4, 4]
+    assert [m.num_rollouts for m in split_micro_batches(batch, 1)] == [1] * 8  # groups of 2 split in halves
