@@ -13,12 +13,14 @@
 # for data parallelism).
 #   - TP=8 keeps tensor parallelism inside a node's NVLink domain (all-reduces every layer). 64 query heads
 #     and 8 KV heads divide by 8.
-#   - PP=4 across nodes: 80 decoder layers -> 20 per stage; only activations cross the (slower) inter-node
-#     fabric, once per micro-batch per stage boundary.
-#   - Memory per GPU, bf16 weights + fp32 Adam states with the distributed optimizer: 72.7e9 params x
-#     (2 + 4 + 4 + 4 bytes) / 32 GPUs ~ 32 GB, plus activations and the KV cache for rollouts; a frozen
-#     reference (only when rcpa.loss.beta > 0) adds 2 bytes/param / 32 ~ 4.5 GB.
-#   - The vision tower (675M) sits on the first stage, replicated over TP.
+#   - PP=4 across nodes, uneven: 17/21/21/21 decoder layers, because stage 0 also holds the vision tower
+#     (0.7B, replicated over TP) and the embedding; only activations cross the (slower) inter-node fabric.
+#   - Memory (rcpa-plan, README "Will it fit?"; prompts up to 2048 tokens with a 1280-token image, a 512-token
+#     forced prefix, 1024 new tokens): resident 45.6 GiB per GPU on stage 0 (bf16 weights 5.1, fp32 grads
+#     10.1, fp32 master + Adam 30.4: with DP=1 the distributed optimizer shards nothing), plus activations
+#     with full recompute, sequence parallel and the vision tower's own recompute (28.8), peak 74.4 GiB per
+#     GPU: fits an H100-80GB (4.7 GiB headroom) and an H200-141GB. Without recompute the same layout needs
+#     ~1.4 TiB on stage 0. A checkpoint with optimizer states is 1.03 TB (run.keep_last=3 keeps 3.1 TB).
 # Batch: data.prompts_per_step is the GLOBAL number of prompts per step, over all data-parallel ranks (as in
 # NeMo-RL/verl): the config's 64 prompts x rcpa.group_size 8 = 512 rollouts per step, each DP rank generating
 # and training on prompts_per_step / DP of the prompts (it must divide by DP), in micro-batches of
