@@ -30,13 +30,16 @@ def _policy():
     return policy.eval()
 
 
+DECODE = ["static"]  # set per worker: the engine's decode path under test
+
+
 def _engine(policy, *, stop=None, max_new=6, temperature=1.0, top_p=1.0, banned=(), max_rows=64, seed=0):
     from megatron_rcpa.rollout.engine import RolloutEngine, SamplingParams
     from megatron_rcpa.rollout.sampling import StopChecker
 
     return RolloutEngine(policy, vocab_size=VOCAB, pad_id=0, stop=stop or StopChecker([EOS]),
                          params=SamplingParams(temperature, top_p, max_new), seed=seed, max_rows=max_rows,
-                         banned_token_ids=banned)
+                         banned_token_ids=banned, decode=DECODE[0])
 
 
 def _prompts():
@@ -47,9 +50,10 @@ def _prompts():
             PromptInput(key="c", prompt_ids=[17, 18, 19, 20, 21, 22], reference_ids=[23, EOS])]
 
 
-def engine_worker():
+def engine_worker(decode: str):
     from megatron_rcpa.rollout.sampling import StopChecker
 
+    DECODE[0] = decode
     policy = _policy()
     prompts = _prompts()
     out = {}
@@ -112,8 +116,9 @@ def engine_worker():
     return out
 
 
-def test_rollout_engine_directly():
-    (out,) = run_distributed(engine_worker, world_size=1, timeout=240.0)
+@pytest.mark.parametrize("decode", ["static", "reference"])
+def test_rollout_engine_directly(decode):
+    (out,) = run_distributed(engine_worker, args=(decode,), world_size=1, timeout=240.0)
     rows = out["rows"]
     prompts = _prompts()
     ks = [2, 0, 1]

@@ -113,7 +113,8 @@ def _engines(policy, *, stop, params, banned=(), max_rows=2, seed=5, every=3, vo
 
     kw = dict(vocab_size=policy.vocab_size, pad_id=0, stop=stop, params=params, seed=seed, max_rows=max_rows,
               banned_token_ids=banned)
-    return RolloutEngine(policy, **kw), StaticEngine(policy, **kw)
+    # the reference: the engine's per-token loop (its default is the static path now)
+    return RolloutEngine(policy, decode="reference", **kw), StaticEngine(policy, **kw)
 
 
 def _rows(rollouts):
