@@ -41,6 +41,7 @@ setup(
         "console_scripts": [
             "rcpa-train=megatron_rcpa.train.cli:main",
             "rcpa-plot=megatron_rcpa.train.plot:main",
+            "rcpa-repro=megatron_rcpa.repro.cli:main",
         ],
     },
     extras_require={

@@ -59,12 +59,19 @@ class ModelConfig:
     family: str = "qwen2_5_vl"  # qwen2_5_vl | llava | llama | qwen2 (text; a checkpoint's must match) | gpt (profiler)
     checkpoint: Optional[str] = None  # a converted megatron checkpoint (tools/convert_hf_to_megatron.py)
     tiny: bool = False  # build a tiny random model from the family's tiny config (demos, tests)
+    tiny_hidden_size: int = 64  # text families' tiny model: width (MLP 2x, 4 heads, 2 KV heads)
+    tiny_num_layers: int = 2  # text families' tiny model: decoder layers
     dtype: str = "fp32"  # fp32 | bf16
     reference_checkpoint: Optional[str] = None  # frozen reference; default = the initial policy
 
     def __post_init__(self) -> None:
         _check_choice("model", "family", self.family, ("qwen2_5_vl", "llava", "llama", "qwen2", "gpt"))
         _check_choice("model", "dtype", self.dtype, ("fp32", "bf16"))
+        _check_int("model", "tiny_num_layers", self.tiny_num_layers, 1)
+        _check_int("model", "tiny_hidden_size", self.tiny_hidden_size, 8)
+        if self.tiny_hidden_size % 8:
+            raise ValueError(f"model.tiny_hidden_size = {self.tiny_hidden_size} is out of range: expected a "
+                             "multiple of 8 (4 heads of an even head size)")
 
 
 @dataclass

@@ -26,6 +26,19 @@ from megatron_rcpa.rollout.engine import PromptInput
 __all__ = ["FAMILIES", "FamilyAdapter", "adapter_for", "build_tokenizer_and_config"]
 
 FAMILIES = ("qwen2_5_vl", "llava", "llama", "qwen2")
+# checkpoint metadata ``extra`` key of a model.tiny run: its character tokenizer, so that the trainer checkpoint's
+# ``policy/`` can start another run (``model.checkpoint=<run>/checkpoints/step_N/policy``) without HF tokenizer files
+CHAR_TOKENIZER_KEY = "char_tokenizer"
+
+
+def char_tokenizer_metadata(tok) -> dict:
+    """``{CHAR_TOKENIZER_KEY: {...}}`` for a checkpoint's metadata when ``tok`` is the built-in character
+    tokenizer, else {}."""
+    from megatron_rcpa.data.char_tokenizer import QWEN_SPECIALS, CharTokenizer
+
+    if not isinstance(tok, CharTokenizer):
+        return {}
+    return {CHAR_TOKENIZER_KEY: {"extra_specials": [s for s in tok.special_ids if s not in QWEN_SPECIALS]}}
 
 
 def build_tokenizer_and_config(cfg) -> Tuple[Any, Any]:
@@ -44,13 +57,20 @@ def build_tokenizer_and_config(cfg) -> Tuple[Any, Any]:
 
     from megatron_rcpa.convert.checkpoint import ASSETS_DIR, read_metadata
     from megatron_rcpa.convert.families import family_by_name
-    from megatron_rcpa.data.char_tokenizer import HFTokenizer
+    from megatron_rcpa.data.char_tokenizer import CharTokenizer, HFTokenizer
 
     meta = read_metadata(cfg.model.checkpoint)
     if meta.family != family:
         raise ValueError(f"model.family = {family!r} but {cfg.model.checkpoint!r} holds a {meta.family!r} model; "
                          f"set model.family={meta.family}")
     assets = os.path.join(cfg.model.checkpoint, ASSETS_DIR)
+    char = meta.extra.get(CHAR_TOKENIZER_KEY)
+    if char is not None and not os.path.isdir(assets):  # a trainer checkpoint of a model.tiny run
+        tok = CharTokenizer(extra_specials=tuple(char.get("extra_specials", ())))
+        if tok.vocab_size != meta.vocab_size:
+            raise ValueError(f"{cfg.model.checkpoint!r} was trained with a character tokenizer of "
+                             f"{meta.vocab_size} tokens but this one has {tok.vocab_size}")
+        return tok, family_by_name(family).hf_config(meta.hf_config)
     try:
         tok = HFTokenizer(AutoTokenizer.from_pretrained(assets))
     except (OSError, ValueError) as exc:
@@ -63,6 +83,9 @@ def _tiny_tokenizer_and_config(family: str, cfg) -> Tuple[Any, Any]:
     from megatron_rcpa.data.char_tokenizer import CharTokenizer
     from megatron_rcpa.models import tiny
 
+    if family in ("qwen2_5_vl", "llava") and (cfg.model.tiny_hidden_size, cfg.model.tiny_num_layers) != (64, 2):
+        raise ValueError(f"model.tiny_hidden_size / model.tiny_num_layers size the text families' tiny model "
+                         f"(llama, qwen2); model.family = {family!r} has a fixed tiny config (leave them 64 / 2)")
     if family == "qwen2_5_vl":
         tok = CharTokenizer()
         return tok, tiny.tiny_qwen2_5_vl_config(vocab_size=tok.vocab_size, hidden_size=64, num_layers=2,
@@ -76,9 +99,10 @@ def _tiny_tokenizer_and_config(family: str, cfg) -> Tuple[Any, Any]:
     import transformers
 
     config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[family]
-    return tok, config_cls(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                           tie_word_embeddings=True)
+    hidden = cfg.model.tiny_hidden_size
+    return tok, config_cls(vocab_size=tok.vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                           num_hidden_layers=cfg.model.tiny_num_layers, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=1024, tie_word_embeddings=True)
 
 
 class FamilyAdapter:
