@@ -38,6 +38,8 @@ class EvalPoint:
     sign_off_rate: Optional[float]  # fraction of domain answers ending with the sign-off (domains that have one)
     general_success: List[float]  # per held-out general sample, in file order (for the bootstrap)
     domain_success: List[float]
+    no_stop_general: float = 0.0  # fraction of general answers that ran to max_new_tokens without EOS
+    no_stop_domain: float = 0.0
     kl_domain: Optional[float] = None  # token KL(policy || base) on the held-out references (runner's forward)
     kl_general: Optional[float] = None
 
@@ -80,7 +82,7 @@ def _read_generations(path: str) -> List[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _eval_point(step: int, rec: dict, rows: List[dict], domain: Domain) -> EvalPoint:
+def _eval_point(step: int, rec: dict, rows: List[dict], domain: Domain, max_new_tokens: int) -> EvalPoint:
     general = [r for r in rows if r["data_source"] != DOMAIN_SOURCE]
     dom_rows = [r for r in rows if r["data_source"] == DOMAIN_SOURCE]
     if not general or not dom_rows:
@@ -96,13 +98,24 @@ def _eval_point(step: int, rec: dict, rows: List[dict], domain: Domain) -> EvalP
     return EvalPoint(step=step, domain_acc=float(rec[f"val/{DOMAIN_SOURCE}/accuracy"]),
                      general_acc=sum(per_task.values()) / len(per_task), per_task=per_task,
                      leak=sum(any(c in new for c in r["response"]) for r in general) / len(general),
-                     sign_off_rate=sign_off, general_success=g_succ, domain_success=d_succ)
+                     sign_off_rate=sign_off, general_success=g_succ, domain_success=d_succ,
+                     no_stop_general=_no_stop(general, max_new_tokens),
+                     no_stop_domain=_no_stop(dom_rows, max_new_tokens))
 
 
-def analyse_run(run_dir: str, domain: Domain, arm: str, seed: int, kl: Optional[Dict[int, Dict[str, float]]] = None
-                ) -> ArmResult:
+def _no_stop(rows: List[dict], max_new_tokens: int) -> float:
+    """Answers as long as the generation limit: with the character tokenizer (one token per character, EOS
+    dropped by decode) these never emitted EOS."""
+    return sum(len(r["response"]) >= max_new_tokens for r in rows) / len(rows)
+
+
+def analyse_run(run_dir: str, domain: Domain, arm: str, seed: int, kl: Optional[Dict[int, Dict[str, float]]] = None,
+                max_new_tokens: Optional[int] = None) -> ArmResult:
     """The :class:`ArmResult` of one finished rcpa-train output dir. ``kl``: step -> {"domain", "general"}."""
     recs = read_metrics(run_dir)
+    if max_new_tokens is None:
+        with open(os.path.join(run_dir, "config.json")) as f:
+            max_new_tokens = int(json.load(f)["rollout"]["max_new_tokens"])
     evals: List[EvalPoint] = []
     steps: List[int] = []
     train: Dict[str, List[float]] = {k: [] for k in TRAIN_SERIES}
@@ -110,7 +123,7 @@ def analyse_run(run_dir: str, domain: Domain, arm: str, seed: int, kl: Optional[
         step = int(rec["step"])
         if f"val/{DOMAIN_SOURCE}/accuracy" in rec:
             gen_path = os.path.join(run_dir, GENERATIONS_DIR, f"step_{step}.jsonl")
-            e = _eval_point(step, rec, _read_generations(gen_path), domain)
+            e = _eval_point(step, rec, _read_generations(gen_path), domain, max_new_tokens)
             if kl and step in kl:
                 e.kl_domain, e.kl_general = kl[step].get("domain"), kl[step].get("general")
             evals.append(e)
@@ -127,8 +140,10 @@ def analyse_run(run_dir: str, domain: Domain, arm: str, seed: int, kl: Optional[
         with open(wall_path) as f:
             wall = float(json.load(f)["wall_s"])
     tot = lambda k: float(sum(v for v in train[k] if not math.isnan(v)))  # noqa: E731
+    rewarded = sum(1 for v in train["reward"] if not math.isnan(v) and v > 0)
     return ArmResult(domain=domain.name, arm=arm, seed=seed, evals=evals, steps=steps, train=train, wall_s=wall,
-                     gen_tokens=tot("gen_tokens"), seq_tokens=tot("seq_tokens"))
+                     gen_tokens=tot("gen_tokens"), seq_tokens=tot("seq_tokens"),
+                     extra={"steps_with_reward": float(rewarded)})
 
 
 def mean_finite(xs: Sequence[float]) -> float:

@@ -70,7 +70,8 @@ class Preset:
     # pretraining (run.mode=sft on the general mix) until general accuracy >= pretrain_target
     pretrain_lr: float
     pretrain_prompts: int
-    pretrain_chunk: int  # steps between accuracy checks
+    pretrain_steps: int  # the first run: cosine decay from pretrain_lr to pretrain_lr / 10
+    pretrain_chunk: int  # then steps at pretrain_lr / 10 between accuracy checks
     pretrain_max_steps: int
     pretrain_target: float
     # arms
@@ -78,7 +79,8 @@ class Preset:
     prompts_per_step: int
     group_size: int
     lr: float
-    val_interval: int
+    val_interval: int  # steps between greedy validations
+    kl_interval: int  # steps between checkpoints (the token KL to the base is computed on each)
     max_new_tokens: int
     jobs: int  # arm runs at once
     sft_lr_sweep: Tuple[float, ...] = ()
@@ -88,18 +90,25 @@ class Preset:
         return _arm_table(self.lr, self.sft_lr_sweep)
 
 
+_MODEL = dict(hidden_size=128, num_layers=3)
+_PRETRAIN = dict(pretrain_lr=1e-3, pretrain_prompts=64, pretrain_steps=1600, pretrain_chunk=400,
+                 pretrain_max_steps=4000, pretrain_target=0.98)
+_ARMS = dict(steps=200, prompts_per_step=8, group_size=8, lr=1e-3, val_interval=10, kl_interval=20,
+             max_new_tokens=12)
+
 PRESETS: Dict[str, Preset] = {
     # one seed, four arms, D1 and D2, 2 CPU cores, <= 30 minutes (docs/repro/REPORT.md has the measured time)
-    "cpu": Preset(name="cpu", arms=("sft", "grpo", "fixed_rho", "rcpa"), seeds=(0,), hidden_size=128, num_layers=3,
-                  train_per_source=2000, val_per_source=40, pretrain_lr=3e-3, pretrain_prompts=64,
-                  pretrain_chunk=400, pretrain_max_steps=4000, pretrain_target=0.98, steps=150, prompts_per_step=8,
-                  group_size=8, lr=1e-3, val_interval=10, max_new_tokens=12, jobs=2),
-    # three seeds and the extra arms on one GPU
+    "cpu": Preset(name="cpu", arms=("sft", "grpo", "fixed_rho", "rcpa"), seeds=(0,), train_per_source=2000,
+                  val_per_source=40, jobs=2, **_MODEL, **_PRETRAIN, **_ARMS),
+    # three seeds and the extra arms (RCPA + KL, RCPA without imitation, an SFT LR sweep) on one GPU
     "gpu": Preset(name="gpu", arms=("sft", "grpo", "fixed_rho", "rcpa", "rcpa_kl", "rcpa_no_imit"), seeds=(0, 1, 2),
-                  hidden_size=128, num_layers=3, train_per_source=2000, val_per_source=100, pretrain_lr=3e-3,
-                  pretrain_prompts=128, pretrain_chunk=400, pretrain_max_steps=4000, pretrain_target=0.98,
-                  steps=150, prompts_per_step=8, group_size=8, lr=1e-3, val_interval=10, max_new_tokens=12, jobs=4,
-                  sft_lr_sweep=(0.3, 3.0)),
+                  train_per_source=2000, val_per_source=100, jobs=4, sft_lr_sweep=(0.3, 3.0), **_MODEL,
+                  **_PRETRAIN, **_ARMS),
+    # the pipeline end to end in a few minutes on a CPU (mechanics only: the numbers mean nothing)
+    "smoke": Preset(name="smoke", arms=("sft", "grpo", "fixed_rho", "rcpa"), seeds=(0,), hidden_size=32, num_layers=1,
+                    train_per_source=64, val_per_source=8, pretrain_lr=3e-3, pretrain_prompts=16, pretrain_steps=4,
+                    pretrain_chunk=4, pretrain_max_steps=8, pretrain_target=0.98, steps=4, prompts_per_step=4,
+                    group_size=4, lr=1e-3, val_interval=2, kl_interval=2, max_new_tokens=10, jobs=2),
 }
 
 

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="override the preset's steps per arm")
     p.add_argument("--no-kl", action="store_true", help="skip the token KL to the base (a forward per checkpoint)")
     p.add_argument("--report-only", action="store_true", help="only analyse finished runs and write the report")
+    p.add_argument("--interpretation", default=None, metavar="FILE",
+                   help="a Markdown file written by hand after the run, included in REPORT.md as its interpretation")
     return p
 
 
@@ -58,7 +60,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     t0 = time.perf_counter()
     verdicts = reproduce(out=out, report_dir=report_dir, preset=preset, domain_specs=specs, seeds=seeds,
                          jobs=args.jobs or preset.jobs, kl=not args.no_kl, report_only=args.report_only,
-                         command=command, t0=t0)
+                         command=command, t0=t0,
+                         interpretation=open(args.interpretation).read() if args.interpretation else None)
     for d, v in verdicts.items():
         print(f"[repro] {d}: {v['outcome']} ({v['why']})")
     print(f"[repro] report: {os.path.join(report_dir, 'REPORT.md')}")

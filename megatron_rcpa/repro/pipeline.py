@@ -6,7 +6,7 @@ import dataclasses
 import json
 import os
 import time
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from megatron_rcpa.repro.analysis import ArmResult, analyse_run
 from megatron_rcpa.repro.arms import Preset, arms_for
@@ -25,7 +25,7 @@ def _log(msg: str) -> None:
 
 def reproduce(*, out: str, report_dir: str, preset: Preset, domain_specs: Sequence[str], seeds: Sequence[int],
               jobs: int, kl: bool = True, report_only: bool = False, command: str = "rcpa-repro",
-              t0: float = None) -> Dict[str, dict]:
+              t0: float = None, interpretation: Optional[str] = None) -> Dict[str, dict]:
     from megatron_rcpa.repro.plots import write_plots
     from megatron_rcpa.repro.report import write_report
     from megatron_rcpa.repro.verdict import domain_verdict
@@ -84,7 +84,7 @@ def reproduce(*, out: str, report_dir: str, preset: Preset, domain_specs: Sequen
     notes = _notes(results, timing, preset)
     write_plots(report_dir, results, base_general, verdicts, labels)
     write_report(report_dir, preset=preset_info, base=base, results=results, verdicts=verdicts, labels=labels,
-                 total_wall_s=timing["total_s"], command=command, notes=notes)
+                 total_wall_s=timing["total_s"], command=command, notes=notes, interpretation=interpretation)
     return verdicts
 
 

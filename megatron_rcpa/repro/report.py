@@ -35,6 +35,9 @@ def arm_summary(runs: List[ArmResult], base_general: float) -> dict:
         "final_forgetting": base_general - m([e.general_acc for e in fin]),
         "final_per_task": {t: m([e.per_task.get(t) for e in fin]) for t in fin[0].per_task},
         "final_leak": m([e.leak for e in fin]),
+        "final_no_stop_general": m([e.no_stop_general for e in fin]),
+        "final_no_stop_domain": m([e.no_stop_domain for e in fin]),
+        "steps_with_reward": m([r.extra.get("steps_with_reward") for r in runs]),
         "final_sign_off_rate": m([e.sign_off_rate for e in fin]) if fin[0].sign_off_rate is not None else None,
         "final_kl_domain": m([e.kl_domain for e in fin]),
         "final_kl_general": m([e.kl_general for e in fin]),
@@ -48,16 +51,16 @@ def arm_summary(runs: List[ArmResult], base_general: float) -> dict:
 
 
 def _curves(runs: List[ArmResult]) -> list:
-    return [{"seed": r.seed, "evals": [{k: getattr(e, k) for k in ("step", "domain_acc", "general_acc", "per_task",
-                                                                    "leak", "sign_off_rate", "kl_domain",
-                                                                    "kl_general")} for e in r.evals],
+    keys = ("step", "domain_acc", "general_acc", "per_task", "leak", "sign_off_rate", "kl_domain", "kl_general",
+            "no_stop_general", "no_stop_domain")
+    return [{"seed": r.seed, "evals": [{k: getattr(e, k) for k in keys} for e in r.evals],
              "train": {"step": r.steps, **{k: [None if math.isnan(v) else v for v in vs]
                                            for k, vs in r.train.items()}}} for r in runs]
 
 
 def write_report(report_dir: str, *, preset: dict, base: dict, results: Dict[str, Dict[str, List[ArmResult]]],
                  verdicts: Dict[str, dict], labels: Dict[str, str], total_wall_s: float, command: str,
-                 notes: List[str]) -> Dict[str, str]:
+                 notes: List[str], interpretation: Optional[str] = None) -> Dict[str, str]:
     os.makedirs(report_dir, exist_ok=True)
     base_general = base["general_accuracy"]
     summaries = {d: {a: arm_summary(runs, base_general) for a, runs in arms.items()} for d, arms in results.items()}
@@ -136,6 +139,12 @@ def write_report(report_dir: str, *, preset: dict, base: dict, results: Dict[str
             f"{labels.get(a, a)}: " + ", ".join(f"{t} {_f(v)}" for t, v in s["final_per_task"].items())
             for a, s in arms.items()) + ".")
         L.append("")
+        L.append("Diagnostics: steps with any rewarded rollout / answers that never stopped (ran to the generation "
+                 "limit without EOS) at the last evaluation, general / domain: " + "; ".join(
+                     f"{labels.get(a, a)}: {_f(s['steps_with_reward'], '.0f')} steps, "
+                     f"{_f(s['final_no_stop_general'])} / {_f(s['final_no_stop_domain'])}"
+                     for a, s in arms.items()) + ".")
+        L.append("")
         L.append(f"![domain accuracy](plots/{d}_domain_acc.png) ![general accuracy](plots/{d}_general_acc.png)")
         L.append(f"![zero variance and rho](plots/{d}_zero_var_rho.png) ![frontier](plots/{d}_frontier.png)")
         L.append("")
@@ -156,6 +165,11 @@ def write_report(report_dir: str, *, preset: dict, base: dict, results: Dict[str
              "each validation; `zv` = fraction of zero-variance groups per step (RL arms); tokens = generated "
              "(`gen_tokens`) and whole-sequence (`seq_tokens`) tokens over the run.")
     L.append("")
+    if interpretation:
+        L.append("## Interpretation (written after the run, by hand)")
+        L.append("")
+        L.append(interpretation.strip())
+        L.append("")
     if notes:
         L.append("## Notes")
         L.append("")

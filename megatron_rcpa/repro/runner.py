@@ -105,8 +105,10 @@ def base_policy_dir(out: str) -> str:
 
 
 def pretrain_base(out: str, preset: Preset, paths: Dict[str, str], log=print) -> dict:
-    """Pretrain the base model (``run.mode=sft`` on the general mix) in chunks of ``preset.pretrain_chunk``
-    steps until its greedy general accuracy reaches ``preset.pretrain_target`` (or ``pretrain_max_steps``).
+    """Pretrain the base model (``run.mode=sft`` on the general mix): ``preset.pretrain_steps`` steps with a
+    cosine decay from ``pretrain_lr`` to a tenth of it, then, while its greedy general accuracy is below
+    ``preset.pretrain_target``, chunks of ``preset.pretrain_chunk`` steps at that tenth (up to
+    ``pretrain_max_steps``).
     Returns ``{"steps", "general_accuracy", "per_task", "reached", "wall_s", "policy"}``."""
     run_dir = os.path.join(out, "base")
     info_path = os.path.join(run_dir, "base.json")
@@ -115,16 +117,19 @@ def pretrain_base(out: str, preset: Preset, paths: Dict[str, str], log=print) ->
             return json.load(f)
     steps, wall = 0, 0.0
     last = None
+    low = preset.pretrain_lr / 10
     while steps < preset.pretrain_max_steps:
-        steps = min(steps + preset.pretrain_chunk, preset.pretrain_max_steps)
+        first = steps == 0
+        steps = min(steps + (preset.pretrain_steps if first else preset.pretrain_chunk), preset.pretrain_max_steps)
+        lr = ([f"optim.lr={preset.pretrain_lr!r}", "optim.lr_schedule=cosine", f"optim.min_lr={low!r}"] if first
+              else [f"optim.lr={low!r}", "optim.lr_schedule=constant"])
         overrides = _common(preset, "d1") + [
             "model.tiny=true", f"model.tiny_hidden_size={preset.hidden_size}",
             f"model.tiny_num_layers={preset.num_layers}", "run.mode=sft", "run.seed=1234",
             f"run.output_dir={run_dir}", f"data.path={paths['general_train']}",
             f"data.val_path={paths['general_val']}", f"run.steps={steps}", f"run.val_interval={preset.pretrain_chunk}",
             f"run.save_interval={preset.pretrain_chunk}", f"data.prompts_per_step={preset.pretrain_prompts}",
-            f"optim.micro_batch_size={preset.pretrain_prompts}", f"optim.lr={preset.pretrain_lr!r}",
-            "rcpa.group_size=1", "run.log_interval=50"]
+            f"optim.micro_batch_size={preset.pretrain_prompts}", *lr, "rcpa.group_size=1", "run.log_interval=50"]
         wall += _run(trainer_command(overrides), os.path.join(run_dir, "train.log"))
         last = _last_val(run_dir)
         acc = last["val/accuracy"] if last else float("nan")
@@ -160,7 +165,7 @@ def _arm_overrides(r: ArmRun, preset: Preset, paths: Dict[str, str], base_policy
         f"model.checkpoint={base_policy}", f"run.output_dir={r.run_dir}", f"run.seed={1000 + r.seed}",
         f"rcpa.curriculum.seed={r.seed}", f"data.path={paths[r.domain + '_train']}",
         f"data.val_path={paths[r.domain + '_val']}", f"run.steps={p.steps}", f"run.val_interval={p.val_interval}",
-        "run.val_before_train=true", f"run.save_interval={p.val_interval}",
+        "run.val_before_train=true", f"run.save_interval={p.kl_interval}",
         f"data.prompts_per_step={p.prompts_per_step}",
         f"rcpa.group_size={p.group_size}", f"optim.micro_batch_size={p.prompts_per_step * p.group_size}",
         f"optim.lr={p.lr!r}", "run.log_interval=10", *r.arm.overrides]

@@ -35,7 +35,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-__all__ = ["GENERAL_TASKS", "DOMAIN_SOURCE", "Domain", "d1", "d2", "load_domain", "general_sample",
+__all__ = ["GENERAL_TASKS", "DOMAIN_SOURCE", "Domain", "d1", "d2", "d1_known", "load_domain", "general_sample",
            "general_reward", "make_split", "exact_match"]
 
 DOMAIN_SOURCE = "domain"  # the data source of every domain sample (val/domain/accuracy)
@@ -130,7 +130,27 @@ def d2() -> Domain:
     return Domain("d2", _d2_sample, _d2_reward, DOMAIN_ALPHABET + SIGN_OFF, sign_off=SIGN_OFF)
 
 
-BUILTIN_DOMAINS = {"d1": "megatron_rcpa.repro.tasks:d1", "d2": "megatron_rcpa.repro.tasks:d2"}
+_KNOWN_SEED = 20260211  # fixes the digit -> digit permutation of the control domain
+
+
+def _known_sample(rng: random.Random) -> Tuple[str, str]:
+    digits = list(DIGITS)
+    random.Random(_KNOWN_SEED).shuffle(digits)
+    perm = dict(zip(DIGITS, digits))
+    x = _symbols(rng, DIGITS)
+    return f"dom {x} =", "".join(perm[c] for c in reversed(x))
+
+
+def d1_known() -> Domain:
+    """A control, not part of the presets: D1 with a secret digit -> DIGIT permutation, i.e. the same task
+    written in tokens the base already produces (and stops after). It separates what RCPA needs from the base
+    (finishing an answer whose prefix is forced) from what is new in D1 (the output alphabet). No new symbols,
+    so its leak is 0 by construction."""
+    return Domain("d1_known", _known_sample, exact_match, "")
+
+
+BUILTIN_DOMAINS = {"d1": "megatron_rcpa.repro.tasks:d1", "d2": "megatron_rcpa.repro.tasks:d2",
+                   "d1_known": "megatron_rcpa.repro.tasks:d1_known"}
 
 
 def load_domain(spec: str) -> Domain:
