@@ -4,6 +4,8 @@
 - ``<domain>_general_acc.png``: mean general accuracy vs step (the base's level dashed);
 - ``<domain>_zero_var_rho.png``: zero-variance fraction of the RL arms, with rho on a second axis;
 - ``<domain>_frontier.png``: general vs domain accuracy trajectories of every arm, the base at (0, base);
+- ``<domain>_leak.png``: leak (general answers holding a domain character, solid) and general answers that never
+  stop (dotted) vs step;
 - ``r_tau.png``: R(tau) per arm and domain with the bootstrap 95% CI of its difference to SFT*.
 Several seeds: the mean curve, each seed thin.
 """
@@ -87,6 +89,19 @@ def write_plots(report_dir: str, results: Dict[str, Dict[str, List[ArmResult]]],
         ax.set_title(f"{dom}: zero-variance groups and rho (seed {arms[next(iter(arms))][0].seed})")
         ax.legend(fontsize=8, loc="center right")
         save(fig, f"{dom}_zero_var_rho.png")
+
+        fig, ax = plt.subplots(figsize=(6.4, 4.0))
+        for arm, runs in arms.items():
+            r = runs[0]
+            steps = [e.step for e in r.evals]
+            ax.plot(steps, [e.leak for e in r.evals], color=_color(arm), label=f"{labels.get(arm, arm)} leak")
+            ax.plot(steps, [e.no_stop_general for e in r.evals], color=_color(arm), ls=":", lw=1.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("fraction of general answers")
+        ax.set_ylim(-0.03, 1.03)
+        ax.set_title(f"{dom}: leak of domain characters (solid), no EOS (dotted)")
+        ax.legend(fontsize=8)
+        save(fig, f"{dom}_leak.png")
 
         fig, ax = plt.subplots(figsize=(5.6, 5.0))
         ax.scatter([0.0], [base_general], marker="*", s=160, color="k", zorder=5, label="base")

@@ -147,6 +147,7 @@ def write_report(report_dir: str, *, preset: dict, base: dict, results: Dict[str
         L.append("")
         L.append(f"![domain accuracy](plots/{d}_domain_acc.png) ![general accuracy](plots/{d}_general_acc.png)")
         L.append(f"![zero variance and rho](plots/{d}_zero_var_rho.png) ![frontier](plots/{d}_frontier.png)")
+        L.append(f"![leak](plots/{d}_leak.png)")
         L.append("")
     L.append("![R(tau)](plots/r_tau.png)")
     L.append("")
