@@ -44,6 +44,9 @@ def arm_summary(runs: List[ArmResult], base_general: float) -> dict:
         "zero_var_frac_mean": m([mean_finite(r.train["zero_var_frac"]) for r in runs]),
         "reward_mean": m([mean_finite(r.train["reward"]) for r in runs]),
         "final_rho": m([r.train["rho"][-1] if r.train["rho"] else None for r in runs]),
+        "final_familiarity": m([r.train["familiarity"][-1] if r.train["familiarity"] else None for r in runs]),
+        "mean_k_over_l": m([mean_finite(r.train["mean_k_over_l"]) for r in runs]),
+        "probe_reward_mean": m([mean_finite(r.train["reward_probe"]) for r in runs]),
         "gen_tokens": m([r.gen_tokens for r in runs]),
         "seq_tokens": m([r.seq_tokens for r in runs]),
         "wall_s": m([r.wall_s for r in runs]),
@@ -123,16 +126,18 @@ def write_report(report_dir: str, *, preset: dict, base: dict, results: Dict[str
         L.append(f"## Domain {d}")
         L.append("")
         L.append("| arm | reached tau (step) | R(tau) | leak@tau | KL gen@tau | final domain | final general | "
-                 "forgetting | leak | sign-off | KL dom / gen (final) | zv mean | final rho | gen tokens | "
-                 "seq tokens | wall s |")
-        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                 "forgetting | leak | sign-off | KL dom / gen (final) | zv mean | reward / probe mean | final fam | "
+                 "final rho | mean k/L | gen tokens | seq tokens | wall s |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for a, s in arms.items():
             steps = ",".join("—" if x is None else str(x) for x in s["step_at_tau"])
             L.append(f"| {labels.get(a, a)} | {sum(s['reached_tau'])}/{len(s['seeds'])} ({steps}) | {_f(s['R_tau'])} "
                      f"| {_f(s['leak_at_tau'])} | {_f(s['kl_general_at_tau'])} | {_f(s['final_domain_acc'])} | "
                      f"{_f(s['final_general_acc'])} | {_f(s['final_forgetting'])} | {_f(s['final_leak'])} | "
                      f"{_f(s['final_sign_off_rate'])} | {_f(s['final_kl_domain'])} / {_f(s['final_kl_general'])} | "
-                     f"{_f(s['zero_var_frac_mean'])} | {_f(s['final_rho'])} | {_f(s['gen_tokens'], '.0f')} | "
+                     f"{_f(s['zero_var_frac_mean'])} | {_f(s['reward_mean'])} / {_f(s['probe_reward_mean'])} | "
+                     f"{_f(s['final_familiarity'])} | {_f(s['final_rho'])} | {_f(s['mean_k_over_l'], '.2f')} | "
+                     f"{_f(s['gen_tokens'], '.0f')} | "
                      f"{_f(s['seq_tokens'], '.0f')} | {_f(s['wall_s'], '.0f')} |")
         L.append("")
         L.append("Final per-task general accuracy: " + "; ".join(
