@@ -15,7 +15,7 @@ import torch
 
 from megatron_rcpa.repro.tasks import DOMAIN_SOURCE
 
-__all__ = ["token_kl_for_runs"]
+__all__ = ["token_kl_for_runs", "base_diagnostics"]
 
 _BATCH = 128
 
@@ -63,22 +63,65 @@ def _mean_kl(p_rows: List[torch.Tensor], q_rows: List[torch.Tensor]) -> float:
     return float((p.exp() * (p - q)).sum(-1).mean())
 
 
-def token_kl_for_runs(base_policy: str, runs: Sequence[Tuple[str, str]]) -> Dict[str, Dict[int, Dict[str, float]]]:
-    """``runs``: (run_dir, val_path). Returns run_dir -> step -> {"domain": kl, "general": kl}."""
-    from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint, load_checkpoint
-    from megatron_rcpa.data.readers import load_samples
+def _setup(base_policy: str):
+    from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint
     from megatron_rcpa.train.config import load_config
     from megatron_rcpa.train.families import adapter_for, build_tokenizer_and_config
     from megatron_rcpa.train.trainer import init_parallel
 
     cfg = load_config(None, ["model.family=llama", f"model.checkpoint={base_policy}"])
     init_parallel(cfg)
+    tok, hf_config = build_tokenizer_and_config(cfg)
+    adapter = adapter_for("llama", tok, hf_config, checkpoint=base_policy)
+    base, _ = build_policy_from_checkpoint(base_policy)
+    return cfg, tok, adapter, base.eval()
+
+
+def _teardown() -> None:
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def base_diagnostics(base_policy: str, val_paths: Dict[str, str]) -> Dict[str, Dict[str, float]]:
+    """How far each domain is from the base, teacher-forced on its held-out references (``val_paths``: domain
+    name -> validation file): the mean log-probability per reference token, the probability of the whole
+    reference, and the probability of EOS right after the full answer (what an RCPA rollout whose prefix is
+    all of the answer must sample to be rewarded)."""
+    from megatron_rcpa.data.readers import load_samples
+
+    cfg, tok, adapter, base = _setup(base_policy)
     try:
-        tok, hf_config = build_tokenizer_and_config(cfg)
-        adapter = adapter_for("llama", tok, hf_config, checkpoint=base_policy)
-        base, _ = build_policy_from_checkpoint(base_policy)
+        out = {}
+        for name, path in val_paths.items():
+            seqs = _encode(list(load_samples(path, config=cfg.data.reader_config())), adapter)["domain"]
+            rows = _log_probs(base, seqs, tok.pad_token_id, tok.vocab_size)
+            token_lp, seq_p, eos_p = [], [], []
+            for (ids, start), lp in zip(seqs, rows):
+                targets = torch.tensor(ids[start:])
+                picked = lp.gather(-1, targets[:, None])[:, 0]
+                token_lp.append(float(picked.mean()))
+                seq_p.append(float(picked.sum().exp()))
+                eos_p.append(float(picked[-1].exp()))  # the reference ends with EOS
+            n = len(seqs)
+            out[name] = {"mean_token_logprob": sum(token_lp) / n, "mean_sequence_prob": sum(seq_p) / n,
+                         "mean_eos_prob_after_answer": sum(eos_p) / n, "samples": n}
+        return out
+    finally:
+        _teardown()
+
+
+def token_kl_for_runs(base_policy: str, runs: Sequence[Tuple[str, str]]) -> Dict[str, Dict[int, Dict[str, float]]]:
+    """``runs``: (run_dir, val_path). Returns run_dir -> step -> {"domain": kl, "general": kl}."""
+    from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint, load_checkpoint
+    from megatron_rcpa.data.readers import load_samples
+
+    cfg, tok, adapter, base = _setup(base_policy)
+    try:
         policy, _ = build_policy_from_checkpoint(base_policy)
-        base.eval()
         policy.eval()
         vocab = tok.vocab_size
         enc_cache: Dict[str, Dict[str, List[Tuple[List[int], int]]]] = {}
@@ -98,9 +141,4 @@ def token_kl_for_runs(base_policy: str, runs: Sequence[Tuple[str, str]]) -> Dict
             out[run_dir] = res
         return out
     finally:
-        from megatron.core import parallel_state as ps
-
-        if ps.model_parallel_is_initialized():
-            ps.destroy_model_parallel()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        _teardown()

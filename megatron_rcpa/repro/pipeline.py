@@ -17,6 +17,7 @@ __all__ = ["reproduce"]
 
 TIMING_FILE = "timing.json"
 KL_FILE = "token_kl.json"
+DIAG_FILE = "diagnostics.json"
 
 
 def _log(msg: str) -> None:
@@ -50,6 +51,14 @@ def reproduce(*, out: str, report_dir: str, preset: Preset, domain_specs: Sequen
         timing["arms_s"] = timing.get("arms_s", 0.0) + (time.perf_counter() - t)
     with open(os.path.join(out, "base", "base.json")) as f:
         base = json.load(f)
+    diag_path = os.path.join(out, "base", DIAG_FILE)
+    diag = json.load(open(diag_path)) if os.path.isfile(diag_path) else {}
+    if not report_only and any(d not in diag for d in domains):
+        from megatron_rcpa.repro.kl import base_diagnostics
+
+        diag.update(base_diagnostics(base["policy"], {d: paths[d + "_val"] for d in domains if d not in diag}))
+        with open(diag_path, "w") as f:
+            json.dump(diag, f, indent=2)
     kl_path = os.path.join(out, KL_FILE)
     kl_res: Dict[str, Dict[str, Dict[str, float]]] = json.load(open(kl_path)) if os.path.isfile(kl_path) else {}
     if kl and not report_only:
@@ -77,7 +86,8 @@ def reproduce(*, out: str, report_dir: str, preset: Preset, domain_specs: Sequen
     step0 = [a.evals[0].general_acc for arms in results.values() for runs_ in arms.values() for a in runs_
              if a.evals[0].step == 0]
     base_general = sum(step0) / len(step0) if step0 else base["general_accuracy"]
-    base = dict(base, general_accuracy=base_general, pretrain_val_accuracy=base["general_accuracy"])
+    base = dict(base, general_accuracy=base_general, pretrain_val_accuracy=base["general_accuracy"],
+                domain_diagnostics={d: diag[d] for d in domains if d in diag})
     verdicts = {d: domain_verdict(arms, base_general) for d, arms in results.items()}
     labels = {a.name: a.label for a in arms_for(preset)}
     preset_info = dict(dataclasses.asdict(preset), arm_names=[a.name for a in arms_for(preset)], seeds=list(seeds))

@@ -122,6 +122,12 @@ def write_report(report_dir: str, *, preset: dict, base: dict, results: Dict[str
              f"{base['target']}; {'reached' if base['reached'] else 'NOT reached'}); per task "
              + ", ".join(f"{t} {_f(v)}" for t, v in sorted(base["per_task"].items())) + ".")
     L.append("")
+    for d, g in base.get("domain_diagnostics", {}).items():
+        L.append(f"- Domain {d} under the base (teacher-forced held-out references): mean log-prob per reference "
+                 f"token {g['mean_token_logprob']:.2f}, mean probability of the whole reference "
+                 f"{g['mean_sequence_prob']:.2e}, mean probability of EOS right after the full answer "
+                 f"{g['mean_eos_prob_after_answer']:.2e}.")
+    L.append("")
     for d, arms in summaries.items():
         L.append(f"## Domain {d}")
         L.append("")
