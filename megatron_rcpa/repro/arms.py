@@ -93,7 +93,7 @@ class Preset:
 _MODEL = dict(hidden_size=128, num_layers=3)
 _PRETRAIN = dict(pretrain_lr=1e-3, pretrain_prompts=64, pretrain_steps=1600, pretrain_chunk=400,
                  pretrain_max_steps=4000, pretrain_target=0.98)
-_ARMS = dict(steps=200, prompts_per_step=8, group_size=8, lr=1e-3, val_interval=10, kl_interval=20,
+_ARMS = dict(steps=200, prompts_per_step=8, group_size=8, lr=1e-3, val_interval=10, kl_interval=10,
              max_new_tokens=12)
 
 PRESETS: Dict[str, Preset] = {
