@@ -14,7 +14,7 @@ fixed_rho       ``schedule=constant rho_max=0.5 kappa=0``: every non-probe promp
 rcpa            the spec defaults (familiarity schedule, rho_max 0.9, probes 0.25, ratchet, lambda_0 = 1)
 rcpa_kl         RCPA + KL to the base (beta 0.05, k3)                                       (GPU preset)
 rcpa_no_imit    RCPA without the imitation term (lambda_0 = 0)                              (GPU preset)
-sft_lr<x>       SFT at x times the shared learning rate                                     (GPU preset)
+sft_lr<x>       SFT at x times the shared learning rate             (GPU preset: 0.3, 3; CPU preset: 0.1, 0.3)
 ==============  ==================================================================================================
 """
 
@@ -97,9 +97,10 @@ _ARMS = dict(steps=200, prompts_per_step=8, group_size=8, lr=1e-3, val_interval=
              max_new_tokens=12)
 
 PRESETS: Dict[str, Preset] = {
-    # one seed, four arms, D1 and D2, 2 CPU cores, <= 30 minutes (docs/repro/REPORT.md has the measured time)
+    # one seed, four arms (+ SFT at 0.1x and 0.3x the LR: cheap), D1 and D2, 2 CPU cores, <= 30 minutes
+    # (docs/repro/REPORT.md has the measured time)
     "cpu": Preset(name="cpu", arms=("sft", "grpo", "fixed_rho", "rcpa"), seeds=(0,), train_per_source=2000,
-                  val_per_source=40, jobs=2, **_MODEL, **_PRETRAIN, **_ARMS),
+                  val_per_source=40, jobs=2, sft_lr_sweep=(0.1, 0.3), **_MODEL, **_PRETRAIN, **_ARMS),
     # three seeds and the extra arms (RCPA + KL, RCPA without imitation, an SFT LR sweep) on one GPU
     "gpu": Preset(name="gpu", arms=("sft", "grpo", "fixed_rho", "rcpa", "rcpa_kl", "rcpa_no_imit"), seeds=(0, 1, 2),
                   train_per_source=2000, val_per_source=100, jobs=4, sft_lr_sweep=(0.3, 3.0), **_MODEL,
