@@ -15,7 +15,7 @@ from megatron_rcpa.repro.tasks import BUILTIN_DOMAINS
 
 __all__ = ["reproduce"]
 
-TIMING_FILE = "timing.json"
+TIMING_FILE = "timing_{}.json"  # per set of domains: several reports can share one base in one working dir
 KL_FILE = "token_kl.json"
 DIAG_FILE = "diagnostics.json"
 
@@ -35,14 +35,12 @@ def reproduce(*, out: str, report_dir: str, preset: Preset, domain_specs: Sequen
     os.makedirs(out, exist_ok=True)
     domains = load_domains(domain_specs)
     spec_of = {name: BUILTIN_DOMAINS.get(spec, spec) for name, spec in zip(domains, domain_specs)}
-    timing_path = os.path.join(out, TIMING_FILE)
+    timing_path = os.path.join(out, TIMING_FILE.format("+".join(domains)))
     timing = json.load(open(timing_path)) if os.path.isfile(timing_path) else {}
     paths = prepare_data(out, preset, domains)
     runs = arm_runs(out, preset, spec_of, seeds)
     if not report_only:
-        t = time.perf_counter()
         base = pretrain_base(out, preset, paths, log=_log)
-        timing["base_s"] = timing.get("base_s", 0.0) + (time.perf_counter() - t)
         if not base["reached"]:
             _log(f"[repro] WARNING: the base reached general accuracy {base['general_accuracy']:.3f} < "
                  f"{preset.pretrain_target} in {base['steps']} steps; the arms start from it anyway")
@@ -73,6 +71,7 @@ def reproduce(*, out: str, report_dir: str, preset: Preset, domain_specs: Sequen
                 json.dump(kl_res, f)
             timing["kl_s"] = timing.get("kl_s", 0.0) + (time.perf_counter() - t)
             _log(f"[repro] token KL to the base: {len(missing)} runs in {time.perf_counter() - t:.0f} s")
+    timing["base_s"] = base["wall_s"]  # the pretraining runs' own wall time (base.json), shared by every report
     timing["total_s"] = sum(timing.get(k, 0.0) for k in ("base_s", "arms_s", "kl_s"))
     with open(timing_path, "w") as f:
         json.dump(timing, f, indent=2)
