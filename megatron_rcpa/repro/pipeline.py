@@ -15,6 +15,7 @@ from megatron_rcpa.repro.tasks import BUILTIN_DOMAINS
 
 __all__ = ["reproduce"]
 
+COMMAND_FILE = "command_{}.txt"  # the command that ran the arms (a --report-only call names it too)
 TIMING_FILE = "timing_{}.json"  # per set of domains: several reports can share one base in one working dir
 KL_FILE = "token_kl.json"
 DIAG_FILE = "diagnostics.json"
@@ -71,6 +72,13 @@ def reproduce(*, out: str, report_dir: str, preset: Preset, domain_specs: Sequen
                 json.dump(kl_res, f)
             timing["kl_s"] = timing.get("kl_s", 0.0) + (time.perf_counter() - t)
             _log(f"[repro] token KL to the base: {len(missing)} runs in {time.perf_counter() - t:.0f} s")
+    command_path = os.path.join(out, COMMAND_FILE.format("+".join(domains)))
+    if not report_only:
+        with open(command_path, "w") as f:
+            f.write(command)
+    run_command = open(command_path).read().strip() if os.path.isfile(command_path) else None
+    report_command = command if run_command and run_command != command else None
+    command = run_command or command
     timing["base_s"] = base["wall_s"]  # the pretraining runs' own wall time (base.json), shared by every report
     timing["total_s"] = sum(timing.get(k, 0.0) for k in ("base_s", "arms_s", "kl_s"))
     with open(timing_path, "w") as f:
@@ -93,7 +101,8 @@ def reproduce(*, out: str, report_dir: str, preset: Preset, domain_specs: Sequen
     notes = _notes(results, timing, preset)
     write_plots(report_dir, results, base_general, verdicts, labels)
     write_report(report_dir, preset=preset_info, base=base, results=results, verdicts=verdicts, labels=labels,
-                 total_wall_s=timing["total_s"], command=command, notes=notes, interpretation=interpretation)
+                 total_wall_s=timing["total_s"], command=command, notes=notes, interpretation=interpretation,
+                 report_command=report_command)
     return verdicts
 
 

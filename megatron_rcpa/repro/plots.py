@@ -43,6 +43,7 @@ def write_plots(report_dir: str, results: Dict[str, Dict[str, List[ArmResult]]],
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     out_dir = os.path.join(report_dir, "plots")
     os.makedirs(out_dir, exist_ok=True)
@@ -126,12 +127,16 @@ def write_plots(report_dir: str, results: Dict[str, Dict[str, List[ArmResult]]],
     arm_names = sorted({a for arms in results.values() for a in arms}, key=lambda a: list(_COLORS).index(a)
                        if a in _COLORS else 99)
     width = 0.8 / max(1, len(arm_names))
+    handles = []
     for j, arm in enumerate(arm_names):
         xs, ys, errs = [], [], [[], []]
         for i, dom in enumerate(doms):
             runs = results[dom].get(arm, [])
             vals = [r.reach(TAU).general_acc for r in runs if r.reach(TAU) is not None]
+            x = i + (j - (len(arm_names) - 1) / 2) * width
             if not vals:
+                if runs:  # the arm ran but never reached tau: say so where its bar would be
+                    ax.text(x, 0.02, "never", rotation=90, ha="center", va="bottom", fontsize=7, color=_color(arm))
                 continue
             y = sum(vals) / len(vals)
             lo = hi = 0.0
@@ -139,19 +144,21 @@ def write_plots(report_dir: str, results: Dict[str, Dict[str, List[ArmResult]]],
             boot = c4.get("bootstrap")
             if arm == "rcpa" and boot:  # CI of R_RCPA - R_SFT*, drawn around R_RCPA
                 lo, hi = boot["diff"] - boot["lo"], boot["hi"] - boot["diff"]
-            xs.append(i + (j - (len(arm_names) - 1) / 2) * width)
+            xs.append(x)
             ys.append(y)
+            ax.text(x, y + 0.01, f"{y:.2f}", ha="center", va="bottom", fontsize=7)
             errs[0].append(max(lo, 0.0))
             errs[1].append(max(hi, 0.0))
         if xs:
-            ax.bar(xs, ys, width=width, color=_color(arm), label=labels.get(arm, arm), yerr=errs, capsize=3)
-    ax.axhline(base_general, ls="--", color="k", lw=0.8, label="base")
+            ax.bar(xs, ys, width=width, color=_color(arm), yerr=errs, capsize=3)
+        handles.append(Patch(color=_color(arm) or "tab:green", label=labels.get(arm, arm)))
+    handles.append(ax.axhline(base_general, ls="--", color="k", lw=0.8, label="base"))
     ax.set_xticks(range(len(doms)))
     ax.set_xticklabels(doms)
     ax.set_ylabel(f"R(tau={TAU}): general accuracy at first domain acc >= tau")
     ax.set_ylim(0, 1.05)
-    ax.set_title("R(tau) per arm (no bar: never reached tau); RCPA's bar: 95% CI of R_RCPA - R_SFT*")
+    ax.set_title("R(tau) per arm ('never': did not reach tau); on RCPA's bar the 95% CI of R_RCPA - R_SFT*")
     ax.title.set_fontsize(9)
-    ax.legend(fontsize=8)
+    ax.legend(handles=handles, fontsize=8)
     save(fig, "r_tau.png")
     return written
