@@ -114,7 +114,9 @@ def write_report(report_dir: str, *, preset: dict, base: dict, results: Dict[str
              "R_SFT*(tau) >= 0.10 with a bootstrap 95% CI above 0 (SFT* = best SFT learning rate; one seed: the "
              "CI resamples the held-out general samples, paired); C5 vs fixed rho >= 20% fewer steps to tau or "
              "R(tau) >= 0.05 higher. Reproduced = C1-C4; partly = C1-C3 only; refuted = SFT*'s R(tau) higher by "
-             ">= 0.1; invalid toy = C1 or C3 fails. R(tau) = general accuracy at the first evaluation with domain "
+             ">= 0.1; invalid toy = C1 or C3 fails; the case the rules leave open (C1 and C3 hold, RCPA never "
+             "reaches tau, so it has no R(tau) to compare) is called not reproduced. R(tau) = general accuracy at "
+             "the first evaluation with domain "
              "accuracy >= tau. See `megatron_rcpa/repro/verdict.py` for the exact order the rules are applied in.")
     L.append("")
     L.append("## Base model")
