@@ -42,6 +42,7 @@ setup(
             "rcpa-train=megatron_rcpa.train.cli:main",
             "rcpa-plot=megatron_rcpa.train.plot:main",
             "rcpa-plan=megatron_rcpa.plan.cli:main",
+            "rcpa-repro=megatron_rcpa.repro.cli:main",
         ],
     },
     extras_require={

@@ -91,6 +91,8 @@ class ModelConfig:
     vision_recompute: bool = False  # gradient checkpointing of the HF vision tower's blocks (Qwen2.5-VL)
     freeze_vision: bool = False  # VLMs: train the language model (and projector) only; the vision tower is frozen
     freeze_projector: bool = False  # VLMs: freeze the vision-to-language projector (Qwen2.5-VL: the merger) too
+    tiny_hidden_size: int = 64  # text families' tiny model: width (MLP 2x, 4 heads, 2 KV heads)
+    tiny_num_layers: int = 2  # text families' tiny model: decoder layers
     dtype: str = "fp32"  # fp32 | bf16
     reference_checkpoint: Optional[str] = None  # frozen reference; default = the initial policy
     # activation recomputation of the decoder (megatron TransformerConfig; megatron_rcpa.plan.recompute_overrides)
@@ -118,6 +120,11 @@ class ModelConfig:
             raise ValueError(f"model.recompute_method = {self.recompute_method!r} / model.recompute_num_layers = "
                              f"{self.recompute_num_layers!r} apply only with model.recompute_granularity = 'full' "
                              f"(it is {self.recompute_granularity!r})")
+        check_int("model", "tiny_num_layers", self.tiny_num_layers, 1)
+        check_int("model", "tiny_hidden_size", self.tiny_hidden_size, 8)
+        if self.tiny_hidden_size % 8:
+            raise ValueError(f"model.tiny_hidden_size = {self.tiny_hidden_size} is out of range: expected a "
+                             "multiple of 8 (4 heads of an even head size)")
 
 
 @dataclass

@@ -32,25 +32,50 @@ def _trainable(name: str):
     return family
 
 
+# checkpoint metadata ``extra`` key of a model.tiny run: its character tokenizer, so that the trainer checkpoint's
+# ``policy/`` can start another run (``model.checkpoint=<run>/checkpoints/step_N/policy``) without HF tokenizer files
+CHAR_TOKENIZER_KEY = "char_tokenizer"
+
+
+def char_tokenizer_metadata(tok) -> dict:
+    """``{CHAR_TOKENIZER_KEY: {...}}`` for a checkpoint's metadata when ``tok`` is the built-in character
+    tokenizer, else {}."""
+    from megatron_rcpa.data.char_tokenizer import QWEN_SPECIALS, CharTokenizer
+
+    if not isinstance(tok, CharTokenizer):
+        return {}
+    return {CHAR_TOKENIZER_KEY: {"extra_specials": [s for s in tok.special_ids if s not in QWEN_SPECIALS]}}
+
+
 def build_tokenizer_and_config(cfg) -> Tuple[Any, Any]:
     """(tokenizer, HF config object) of the run's policy: the checkpoint's (its family must be
     ``model.family``), or a tiny random model's for ``model.tiny``."""
     family = _trainable(cfg.model.family)
     if cfg.model.tiny:
-        return family.tiny_tokenizer_and_config()
+        sizes = {}
+        if (cfg.model.tiny_hidden_size, cfg.model.tiny_num_layers) != (64, 2):
+            sizes = dict(hidden_size=cfg.model.tiny_hidden_size, num_layers=cfg.model.tiny_num_layers)
+        return family.tiny_tokenizer_and_config(**sizes)
     if not cfg.model.checkpoint:
         raise ValueError("model.checkpoint is required unless model.tiny=true (convert one with "
                          "tools/convert_hf_to_megatron.py)")
     from transformers import AutoTokenizer
 
     from megatron_rcpa.convert.checkpoint import ASSETS_DIR, read_metadata
-    from megatron_rcpa.data.char_tokenizer import HFTokenizer
+    from megatron_rcpa.data.char_tokenizer import CharTokenizer, HFTokenizer
 
     meta = read_metadata(cfg.model.checkpoint)
     if meta.family != family.name:
         raise ValueError(f"model.family = {family.name!r} but {cfg.model.checkpoint!r} holds a {meta.family!r} "
                          f"model; set model.family={meta.family}")
     assets = os.path.join(cfg.model.checkpoint, ASSETS_DIR)
+    char = meta.extra.get(CHAR_TOKENIZER_KEY)
+    if char is not None and not os.path.isdir(assets):  # a trainer checkpoint of a model.tiny run
+        tok = CharTokenizer(extra_specials=tuple(char.get("extra_specials", ())))
+        if tok.vocab_size != meta.vocab_size:
+            raise ValueError(f"{cfg.model.checkpoint!r} was trained with a character tokenizer of "
+                             f"{meta.vocab_size} tokens but this one has {tok.vocab_size}")
+        return tok, family.hf_config(meta.hf_config)
     try:
         tok = HFTokenizer(AutoTokenizer.from_pretrained(assets, trust_remote_code=False))
     except (OSError, ValueError) as exc:

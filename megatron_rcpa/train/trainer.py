@@ -30,7 +30,7 @@ from megatron_rcpa.rollout.sampling import StopChecker
 from megatron_rcpa.train import checkpointing as ckpt
 from megatron_rcpa.train import phases
 from megatron_rcpa.train.config import TrainConfig
-from megatron_rcpa.train.families import adapter_for, build_tokenizer_and_config
+from megatron_rcpa.train.families import adapter_for, build_tokenizer_and_config, char_tokenizer_metadata
 from megatron_rcpa.train.guard import NonFiniteGuard, NonFiniteUpdateError
 from megatron_rcpa.train.metrics_log import MetricsLogger
 from megatron_rcpa.train.phases import StepContext, Trajectory, check_batch_layout, lr_at
@@ -309,7 +309,8 @@ class Trainer:
         policy = self.model.module
         meta = CheckpointMetadata(family=self.cfg.model.family, hf_config=self.hf_config.to_dict(),
                                   dtype=self.cfg.model.dtype, vocab_size=self.vocab_size,
-                                  padded_vocab_size=policy.padded_vocab_size, extra={"step": self.step})
+                                  padded_vocab_size=policy.padded_vocab_size,
+                                  extra={"step": self.step, **char_tokenizer_metadata(self.tok)})
         if self.cfg.model.checkpoint:  # keep what the export needs of the HF original (config.json, dtypes)
             source = read_metadata(self.cfg.model.checkpoint)
             meta = dataclasses.replace(meta, hf_config=source.hf_config, source_dtype=source.source_dtype,

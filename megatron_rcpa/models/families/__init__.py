@@ -97,12 +97,20 @@ class Family:
         module, _, cls = self.prompt_format.partition(":")
         return getattr(importlib.import_module(module), cls)(tokenizer, hf_config, checkpoint=checkpoint)
 
-    def tiny_tokenizer_and_config(self) -> Tuple[Any, Any]:
-        """(tokenizer, HF config) of the family's tiny random demo model."""
+    def tiny_tokenizer_and_config(self, **sizes: Any) -> Tuple[Any, Any]:
+        """(tokenizer, HF config) of the family's tiny random demo model; ``sizes`` (``hidden_size``,
+        ``num_layers``: ``model.tiny_hidden_size`` / ``tiny_num_layers``) only for families whose tiny model is
+        sizable (the text LMs)."""
         if self.tiny_tokenizer is None or self.tiny_config is None:
             raise ValueError(f"model family {self.name!r} has no tiny demo model ({self.description})")
         tok = self.tiny_tokenizer()
-        return tok, self.tiny_config(tok)
+        if not sizes:
+            return tok, self.tiny_config(tok)
+        try:
+            return tok, self.tiny_config(tok, **sizes)
+        except TypeError as exc:
+            raise ValueError(f"model.tiny_hidden_size / model.tiny_num_layers size the text families' tiny model; "
+                             f"model.family = {self.name!r} has a fixed tiny config (leave them 64 / 2)") from exc
 
     # -------------------------------------------------------------------------------------- converters
     def layout(self, hf_config: Any, padded_vocab_size: int):

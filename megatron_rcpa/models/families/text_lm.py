@@ -66,11 +66,12 @@ def _text_family(model_type: str, architecture: str, description: str) -> Family
         return decoder_tensor_maps(megatron_prefix="language_model.", hf_prefix="model.", lm_head="lm_head.weight",
                                    qkv_bias=d.qkv_bias, tied=d.tie_word_embeddings)
 
-    def tiny_config(tok):
+    def tiny_config(tok, hidden_size: int = 64, num_layers: int = 2):
         from megatron_rcpa.models.tiny import tiny_text_lm_config
 
         return tiny_text_lm_config(model_type, vocab_size=tok.vocab_size, tie_word_embeddings=True,
-                                   max_position_embeddings=1024)
+                                   max_position_embeddings=1024, hidden_size=hidden_size,
+                                   intermediate_size=2 * hidden_size, num_layers=num_layers)
 
     def save_tiny_hf(path: str, **kwargs: Any) -> str:
         from megatron_rcpa.models.tiny import save_tiny_text_lm
