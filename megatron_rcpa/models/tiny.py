@@ -5,7 +5,10 @@ smoke runs (each family's record in :mod:`megatron_rcpa.models.families` points 
 
 writes ``config.json``, ``model.safetensors`` (sharded with an index when ``max_shard_size`` is given),
 ``generation_config.json``, a word-level tokenizer (``tokenizer.json``, ``tokenizer_config.json``) with the
-Qwen2.5-VL special tokens at the config's ids, a ``preprocessor_config.json`` and a ``chat_template.jinja``.
+Qwen2.5-VL special tokens at the config's ids, a ``preprocessor_config.json`` and a ``chat_template.jinja``
+(Qwen2-VL's own template, :data:`QWEN2_VL_CHAT_TEMPLATE`), so ``AutoProcessor.from_pretrained`` loads it offline.
+The tiny LLaVA saves LLaVA-1.5's template, a BOS-adding tokenizer and a ``processor_config.json``; the tiny text
+LMs save (``with_tokenizer=True``) an instruct template (Qwen2-Instruct's ChatML, Llama-3-Instruct's).
 """
 
 from __future__ import annotations
@@ -29,6 +32,42 @@ _PREPROCESSOR = {
 }
 _SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
             "<|image_pad|>", "<|video_pad|>")
+
+#: Qwen2-VL / Qwen2.5-VL-Instruct's chat template (the default system turn, one vision run per image part).
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: "
+    "{% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+#: llava-hf/llava-1.5's chat template (images first in a turn, then its text).
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}"
+    "{% endif %}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}"
+    "{% endfor %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{{ content['text'] + ' '}}{% endfor %}{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+#: Qwen2-Instruct's chat template (text).
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+#: Meta-Llama-3-Instruct's chat template (BOS written by the template).
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 
 
 @torch.no_grad()
@@ -68,9 +107,12 @@ def tiny_qwen2_5_vl_config(*, vocab_size: int = 301, hidden_size: int = 64, num_
 
 
 def _save_tokenizer(path: str, vocab_size: int, specials=_SPECIAL, eos: str = "<|im_end|>",
-                    pad: str = "<|endoftext|>", chat_template: bool = True) -> None:
-    """A word-level tokenizer: ``w0``..``wN`` then ``specials`` at the last ids of the vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+                    pad: str = "<|endoftext|>", chat_template: Optional[str] = QWEN2_VL_CHAT_TEMPLATE,
+                    bos: Optional[str] = None) -> None:
+    """A word-level tokenizer: ``w0``..``wN`` then ``specials`` at the last ids of the vocabulary; ``bos``: a
+    special token the tokenizer puts first (``add_special_tokens=True``), as Llama's does; ``chat_template``
+    (None: none) is saved as ``chat_template.jinja``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     regular = vocab_size - len(specials)
@@ -78,12 +120,16 @@ def _save_tokenizer(path: str, vocab_size: int, specials=_SPECIAL, eos: str = "<
     vocab.update({tok: regular + i for i, tok in enumerate(specials)})
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="w0"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", eos_token=eos, pad_token=pad,
-                                  additional_special_tokens=[t for t in specials if t not in (eos, pad)])
+    if bos is not None:
+        core.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                            special_tokens=[(bos, vocab[bos])])
+    named = {"eos_token": eos, "pad_token": pad, **({"bos_token": bos} if bos else {})}
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="w0", **named,
+                                  additional_special_tokens=[t for t in specials if t not in named.values()])
     tok.save_pretrained(path)
-    if chat_template:
+    if chat_template is not None:
         with open(os.path.join(path, "chat_template.jinja"), "w") as f:
-            f.write("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>{% endfor %}")
+            f.write(chat_template)
 
 
 def save_tiny_qwen2_5_vl(path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
@@ -145,8 +191,9 @@ def tiny_llava_config(*, vision: str = "clip", text: str = "llama", vocab_size: 
 def save_tiny_llava(path: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
                     max_shard_size: Optional[str] = None, with_assets: bool = True, **config_kwargs: Any) -> str:
     """Build a random tiny LlavaForConditionalGeneration from config and save it (safetensors, and with
-    ``with_assets`` a ``preprocessor_config.json`` and a word-level tokenizer whose last ids are ``</s>``,
-    ``<pad>``, ``<image>``) under ``path``."""
+    ``with_assets`` a ``preprocessor_config.json``, a ``processor_config.json`` and a word-level tokenizer whose
+    last ids are ``<s>`` (BOS, added by the tokenizer), ``</s>``, ``<pad>``, ``<image>``, with LLaVA-1.5's chat
+    template) under ``path``."""
     from transformers import LlavaForConditionalGeneration
 
     config = tiny_llava_config(**config_kwargs)
@@ -163,8 +210,13 @@ def save_tiny_llava(path: str, *, seed: int = 0, dtype: torch.dtype = torch.floa
         with open(os.path.join(path, "preprocessor_config.json"), "w") as f:
             json.dump(settings, f, indent=2)
         if config.image_token_id == config.text_config.vocab_size - 1:  # the default layout: "<image>" last
-            _save_tokenizer(path, config.text_config.vocab_size, specials=("</s>", "<pad>", "<image>"), eos="</s>",
-                            pad="<pad>", chat_template=False)
+            _save_tokenizer(path, config.text_config.vocab_size, specials=("<s>", "</s>", "<pad>", "<image>"),
+                            eos="</s>", pad="<pad>", bos="<s>", chat_template=LLAVA_CHAT_TEMPLATE)
+            # what LlavaProcessor.save_pretrained writes besides the image processor's settings
+            with open(os.path.join(path, "processor_config.json"), "w") as f:
+                json.dump({"processor_class": "LlavaProcessor", "image_token": "<image>",
+                           "patch_size": config.vision_config.patch_size, "num_additional_image_tokens": 1,
+                           "vision_feature_select_strategy": config.vision_feature_select_strategy}, f, indent=2)
     return path
 
 
@@ -187,10 +239,21 @@ def tiny_text_lm_config(model_type: str, *, vocab_size: int = 301, hidden_size: 
     return classes[model_type](**kwargs)
 
 
+#: The tiny text LMs' tokenizers (``with_tokenizer``): (specials, eos, pad, bos, chat template) per model type.
+_TEXT_TOKENIZERS = {
+    "qwen2": (("<|endoftext|>", "<|im_start|>", "<|im_end|>"), "<|im_end|>", "<|endoftext|>", None,
+              QWEN2_CHAT_TEMPLATE),
+    "llama": (("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
+              "<|eot_id|>", "<|end_of_text|>", "<|begin_of_text|>", LLAMA3_CHAT_TEMPLATE),
+}
+
+
 def save_tiny_text_lm(path: str, model_type: str, *, seed: int = 0, dtype: torch.dtype = torch.float32,
-                      **config_kwargs: Any) -> str:
-    """Build a random tiny Llama / Qwen2 causal LM (norms and biases made non-trivial) and save it (safetensors,
-    no tokenizer) under ``path``. Defaults: RMSNorm eps 1e-6, RoPE theta 1e4 (Llama) / 1e6 (Qwen2)."""
+                      with_tokenizer: bool = False, chat_template: bool = True, **config_kwargs: Any) -> str:
+    """Build a random tiny Llama / Qwen2 causal LM (norms and biases made non-trivial) and save it (safetensors;
+    with ``with_tokenizer`` a word-level tokenizer with the instruct model's specials, BOS for Llama, and, with
+    ``chat_template``, Qwen2-Instruct's / Llama-3-Instruct's template) under ``path``. Defaults: RMSNorm eps
+    1e-6, RoPE theta 1e4 (Llama) / 1e6 (Qwen2)."""
     import transformers
 
     config_kwargs.setdefault("rms_norm_eps", 1e-6)
@@ -202,4 +265,8 @@ def save_tiny_text_lm(path: str, model_type: str, *, seed: int = 0, dtype: torch
     model = model_cls(config).to(dtype).eval()
     perturb_norms_and_biases(model)
     model.save_pretrained(path)
+    if with_tokenizer:
+        specials, eos, pad, bos, template = _TEXT_TOKENIZERS[model_type]
+        _save_tokenizer(path, config.vocab_size, specials=specials, eos=eos, pad=pad, bos=bos,
+                        chat_template=template if chat_template else None)
     return path

@@ -274,7 +274,8 @@ def profile_precision(cfg, run: PrecisionRun, settings: ProfileSettings, device:
                                  "TE's FP8 GEMMs need a multiple of 16")
 
     torch.manual_seed(settings.seed)
-    family = adapter_for(cfg.model.family, tok, hf_config, checkpoint=cfg.model.checkpoint)
+    family = adapter_for(cfg.model.family, tok, hf_config, checkpoint=cfg.model.checkpoint,
+                         system_prompt=cfg.data.system_prompt)
     policy_kwargs: Dict[str, Any] = {"load": settings.load_weights or cfg.model.tiny}
     if fp8:
         policy_kwargs.update(transformer_layer_spec=te_layer_spec(), config_overrides=fp8_config_overrides(run))

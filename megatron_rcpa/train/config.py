@@ -175,12 +175,15 @@ class DataConfig:
     min_pixels: Optional[int] = DEFAULT_MIN_PIXELS  # Qwen2-VL processor's 56*56; oversize=resize scales smaller up
     max_pixels: Optional[int] = DEFAULT_MAX_PIXELS  # its 28*28*1280: larger images are skipped or resized; null: off
     oversize: str = "skip"  # skip | resize (to the processor's smart_resize size)
+    system_prompt: Optional[str] = None  # a system turn for the chat template (replaces the data's own); None: none
 
     def __post_init__(self) -> None:
         check_int("data", "max_prompt_tokens", self.max_prompt_tokens, 1)
         check_choice("data", "long_prompts", self.long_prompts, ("skip", "truncate"))
         check_choice("data", "oversize", self.oversize, OVERSIZE_MODES)
         check_pixel_limits(self.min_pixels, self.max_pixels, "data", DEFAULT_FACTOR)
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise ValueError(f"data.system_prompt = {self.system_prompt!r}: expected text or null")
         check_int("data", "synthetic_size", self.synthetic_size, 1)
         check_choice("data", "synthetic", self.synthetic, ("counting", "geometry"))
         check_choice("data", "synthetic_reference", self.synthetic_reference, ("full", "short"))

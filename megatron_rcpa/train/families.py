@@ -6,11 +6,14 @@ inputs of a micro-batch, the tokens a rollout must never sample).
 =============  =====================================================  ======================================
 family         prompt                                                 images
 =============  =====================================================  ======================================
-qwen2_5_vl     ChatML; one ``<|image_pad|>`` run per image            patches + ``image_grid_thw`` per image
-llava          ``USER: <image>...\\n{prompt} ASSISTANT:`` (LLaVA-1.5)  ``[3, S, S]`` per image, ``tokens_per_image``
+qwen2_5_vl     chat template; one ``<|image_pad|>`` run per image     patches + ``image_grid_thw`` per image
+llava          chat template, BOS (LLaVA-1.5 form without one)        ``[3, S, S]`` per image, ``tokens_per_image``
                                                                       ``<image>`` tokens each
-llama, qwen2   ``User: {prompt}\\nAssistant:``                         none (a sample with images is an error)
+llama, qwen2   chat template (``User: {prompt}\\nAssistant:`` without)  none (a sample with images is an error)
 =============  =====================================================  ======================================
+
+Prompts go through the tokenizer's chat template when it has one (see
+:class:`~megatron_rcpa.models.families.PromptFormat`), with ``data.system_prompt`` as the system turn.
 """
 
 from __future__ import annotations
@@ -84,7 +87,9 @@ def build_tokenizer_and_config(cfg) -> Tuple[Any, Any]:
     return tok, family.hf_config(meta.hf_config)
 
 
-def adapter_for(family: str, tokenizer, hf_config, *, checkpoint: Optional[str] = None) -> PromptFormat:
+def adapter_for(family: str, tokenizer, hf_config, *, checkpoint: Optional[str] = None,
+                system_prompt: Optional[str] = None) -> PromptFormat:
     """The family's prompt format for this tokenizer / HF config (``checkpoint``: where its processor
-    settings live)."""
-    return _trainable(family).make_prompt_format(tokenizer, hf_config, checkpoint=checkpoint)
+    settings live; ``system_prompt``: ``data.system_prompt``)."""
+    return _trainable(family).make_prompt_format(tokenizer, hf_config, checkpoint=checkpoint,
+                                                 system_prompt=system_prompt)

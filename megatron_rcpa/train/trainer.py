@@ -240,7 +240,8 @@ class Trainer:
         self.is_logger = self.rank == torch.distributed.get_world_size() - 1  # a last-stage rank holds metrics
         check_batch_layout(cfg, self.dp_size)
         self.tok, self.hf_config = build_tokenizer_and_config(cfg)
-        self.family = adapter_for(cfg.model.family, self.tok, self.hf_config, checkpoint=cfg.model.checkpoint)
+        self.family = adapter_for(cfg.model.family, self.tok, self.hf_config, checkpoint=cfg.model.checkpoint,
+                                  system_prompt=cfg.data.system_prompt)
         self.ctx = build_step_context(cfg, self.groups, self.tok, self.hf_config, self.family)
         self.model, self.optimizer, self.reference = self.ctx.model, self.ctx.optimizer, self.ctx.reference
         self.engine, self.curriculum = self.ctx.engine, self.ctx.curriculum

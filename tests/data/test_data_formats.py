@@ -38,7 +38,9 @@ def test_verl_geometry_parquet_loads_as_it_is():
     assert last.prompt.startswith("The two triangles") and "careful geometry tutor" not in last.prompt
     assert [x.reference for x in ds] == ["5", "13", "17", "24"]
     assert [x.data_source for x in ds] == ["hiyouga/geometry3k"] * 3 + ["synthetic/similar_triangles"]
-    # the family prompt formats take it as it is: LLaVA-1.5's, with one run of image tokens per image
+    # the family prompt formats take it as it is: the chat template (the character tokenizer's ChatML since issue
+    # 15, was the hand-built LLaVA-1.5 form) over the row's own messages, its system turn included, with one run
+    # of image tokens per image
     from megatron_rcpa.models import families
 
     llava = families.get("llava")
@@ -46,7 +48,9 @@ def test_verl_geometry_parquet_loads_as_it_is():
     hf = llava.tiny_config(tok)
     fmt = llava.make_prompt_format(tok, hf)
     prompt = fmt.format(last)
-    assert prompt.pixel_values.shape[0] == 2 and tok.decode(prompt.prompt_ids).endswith(f"{last.prompt} ASSISTANT:")
+    text = tok.decode(prompt.prompt_ids, skip_special_tokens=False)
+    assert prompt.pixel_values.shape[0] == 2 and text.endswith(f"{last.prompt}<|im_end|>\n<|im_start|>assistant\n")
+    assert text.startswith("<|im_start|>system\nYou are a careful geometry tutor.<|im_end|>\n<|im_start|>user\n<image>")
     assert prompt.prompt_ids.count(int(hf.image_token_id)) == 2 * fmt.vision.tokens_per_image
 
 

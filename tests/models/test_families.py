@@ -70,11 +70,16 @@ def test_qwen2_5_vl_prompt_is_chatml_with_one_vision_run_per_image():
     start, pad, end = ids
     assert p.prompt_ids[0] == tok.token_id("<|im_start|>") and p.prompt_ids.count(start) == 2
     assert p.prompt_ids.count(end) == 2
-    # the 56x56 image is 4x4 patches of 14 -> 4 merged tokens; the 28x28 one 1
+    # the 56x56 image is 4x4 patches of 14 -> 4 merged tokens; the 28x28 one is below the processor's
+    # min_pixels (56*56) and smart_resize scales it up to 56x56 as Qwen2VLImageProcessor does (it was 1 token
+    # before the processor's resize rule ran on every image): 4 tokens too
     runs = [i for i, t in enumerate(p.prompt_ids) if t == start]
     assert p.prompt_ids[runs[0]:runs[0] + 6] == [start] + [pad] * 4 + [end]
-    assert p.prompt_ids[runs[1]:runs[1] + 3] == [start, pad, end]
-    assert p.image_grid_thw.tolist() == [[1, 4, 4], [1, 2, 2]] and p.pixel_values.shape[0] == 20
+    assert p.prompt_ids[runs[1]:runs[1] + 6] == [start] + [pad] * 4 + [end]
+    assert p.image_grid_thw.tolist() == [[1, 4, 4], [1, 4, 4]] and p.pixel_values.shape[0] == 32
+    # the character tokenizer's ChatML chat template: the same ids as the hand-built ChatML
+    head = [tok.token_id("<|im_start|>")] + tok.encode("user\n")
+    assert p.prompt_ids[:runs[0]] == head
     tail = (tok.encode("How many circles?") + [tok.token_id("<|im_end|>")] + tok.encode("\n")
             + [tok.token_id("<|im_start|>")] + tok.encode("assistant\n"))
     assert p.prompt_ids[-len(tail):] == tail
@@ -84,26 +89,34 @@ def test_qwen2_5_vl_prompt_is_chatml_with_one_vision_run_per_image():
     text = fmt(TEXT)
     assert text.pixel_values is None and start not in text.prompt_ids
     inputs = fmt.micro_batch_inputs([p, text], rows)
-    assert inputs["pixel_values"].shape[0] == 40 and inputs["image_grid_thw"].shape == (4, 3)
+    assert inputs["pixel_values"].shape[0] == 64 and inputs["image_grid_thw"].shape == (4, 3)
     assert fmt.micro_batch_inputs([p, text], rows[2:]) == {}
 
 
-def test_llava_prompt_is_the_llava_1_5_form():
+def _chatml(tok, user):
+    """The character tokenizer's chat template for one user turn (``user``: ids of its content)."""
+    return ([tok.token_id("<|im_start|>")] + tok.encode("user\n") + user + [tok.token_id("<|im_end|>")]
+            + tok.encode("\n") + [tok.token_id("<|im_start|>")] + tok.encode("assistant\n"))
+
+
+def test_llava_prompt_uses_the_chat_template_with_image_tokens():
+    # the tiny demo's character tokenizer has a ChatML chat template now (was the hand-built LLaVA-1.5 form,
+    # which stays for tokenizers without a template: tests/models/test_chat_templates.py)
     tok, hf, fmt = _prompt_format("llava")
     p = fmt(SAMPLE)
     image = hf.image_token_id
     per_image = fmt.vision.tokens_per_image
-    assert p.prompt_ids == (tok.encode("USER: ") + [image] * (2 * per_image) + tok.encode("\n")
-                            + tok.encode("How many circles? ASSISTANT:"))
+    assert p.prompt_ids == _chatml(tok, [image] * (2 * per_image) + tok.encode("How many circles?"))
     assert tuple(p.pixel_values.shape) == (2, 3, 28, 28) and p.image_grid_thw is None
-    assert fmt(TEXT).prompt_ids == tok.encode("USER: Hi ASSISTANT:")
+    assert fmt(TEXT).prompt_ids == _chatml(tok, tok.encode("Hi"))
     assert image in fmt.structural_ids()
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2"])
 def test_text_prompt_refuses_images(name):
     tok, hf, fmt = _prompt_format(name)
-    assert fmt(TEXT).prompt_ids == tok.encode("User: Hi\nAssistant:")
+    # the character tokenizer's chat template (was "User: Hi\nAssistant:", kept for tokenizers without one)
+    assert fmt(TEXT).prompt_ids == _chatml(tok, tok.encode("Hi"))
     with pytest.raises(ValueError, match=f"sample 's' has images but model.family='{name}' is a text model"):
         fmt(SAMPLE)
 

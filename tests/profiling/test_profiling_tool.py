@@ -64,8 +64,10 @@ def test_tiny_text_lm_end_to_end(tmp_path):
         assert len(p["times_s"]) == 2 and p["time_s"] > 0 and p["peak_memory_bytes"] is None  # CPU: no memory
 
     # tokens and FLOPs are the analytic model's for what ran: 4 rollouts of 12 text tokens in the family's prompt
-    # format ("User: {prompt}\nAssistant:", a character tokenizer) + 3 forced + 6 generated tokens
-    rows, prompt, new = 4, len("User: ") + 12 + len("\nAssistant:") + 3, 6
+    # format + 3 forced + 6 generated tokens. The format is the character tokenizer's chat template since issue 15
+    # (ChatML: <|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n, special tokens one id each), no
+    # longer "User: {prompt}\nAssistant:"
+    rows, prompt, new = 4, 1 + len("user\n") + 12 + 1 + len("\n") + 1 + len("assistant\n") + 3, 6
     assert cfg["prompt_tokens"] == prompt - 3 and cfg["prefix_len"] == 3
     shape = DecoderShape(**cfg["decoder"])
     assert shape == DecoderShape(2, 64, 4, 2, 16, 128, 128, gated_mlp=True, tied_embeddings=True)
@@ -76,7 +78,7 @@ def test_tiny_text_lm_end_to_end(tmp_path):
     assert phases["logprob"]["tokens"] == phases["train"]["tokens"] == sum(lengths)
     assert phases["logprob"]["flops"] == logprob_flops(shape, lengths, passes=2)  # policy + reference (beta > 0)
     assert phases["train"]["flops"] == train_flops(shape, lengths)
-    assert phases["train"]["padded_tokens"] == rows * 40  # 35 tokens padded to a multiple of 8
+    assert phases["train"]["padded_tokens"] == rows * 40  # each row padded to a multiple of 8
     assert phases["optimizer"]["flops"] is None and phases["optimizer"]["tokens"] is None
     for name in ("rollout", "logprob", "train"):
         p = phases[name]

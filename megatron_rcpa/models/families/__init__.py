@@ -91,11 +91,14 @@ class Family:
         module, _, fn = self.policy_builder.partition(":")
         return getattr(importlib.import_module(module), fn)(self.hf_config(hf_config), **kwargs)
 
-    def make_prompt_format(self, tokenizer, hf_config, *, checkpoint: Optional[str] = None) -> PromptFormat:
+    def make_prompt_format(self, tokenizer, hf_config, *, checkpoint: Optional[str] = None,
+                           system_prompt: Optional[str] = None) -> PromptFormat:
+        """The family's :class:`PromptFormat` (``system_prompt``: ``data.system_prompt``)."""
         if not self.prompt_format:
             raise ValueError(f"model family {self.name!r} has no prompt format ({self.description})")
         module, _, cls = self.prompt_format.partition(":")
-        return getattr(importlib.import_module(module), cls)(tokenizer, hf_config, checkpoint=checkpoint)
+        return getattr(importlib.import_module(module), cls)(tokenizer, hf_config, checkpoint=checkpoint,
+                                                             system_prompt=system_prompt)
 
     def tiny_tokenizer_and_config(self, **sizes: Any) -> Tuple[Any, Any]:
         """(tokenizer, HF config) of the family's tiny random demo model; ``sizes`` (``hidden_size``,
@@ -154,17 +157,50 @@ class Family:
         return out
 
 
+#: Prompt-format notes already printed (each once per process).
+_SAID: set = set()
+
+
+def _say_once(line: str) -> None:
+    if line not in _SAID:
+        _SAID.add(line)
+        print(line, flush=True)
+
+
 class PromptFormat:
     """A family's prompt format for the trainer: a data sample -> the rollout engine's prompt (ids with the
     family's image tokens, the images as the policy takes them, the reference ids), the token ids a rollout
-    must never sample, and the vision inputs of a micro-batch's rows."""
+    must never sample, and the vision inputs of a micro-batch's rows.
+
+    With a chat template (the tokenizer's ``chat_template``: the checkpoint's ``hf_assets/``, or the character
+    tokenizer's own), the prompt is ``apply_chat_template(messages, add_generation_prompt=True)`` as
+    transformers builds it: ``messages`` are the sample's own (verl / TRL chat lists; ``<image>`` in string
+    contents becomes an image part, as verl does), else one user turn of the images then the prompt text;
+    ``system_prompt`` replaces the first system turn or is put before the others (without it the template's
+    default applies, e.g. Qwen2.5-VL's "You are a helpful assistant."). A vision family's image placeholder
+    (``image_token_id``) is then expanded to each image's token count, and the text is tokenized as the HF
+    processor does (with the tokenizer's special tokens, e.g. LLaVA's BOS, unless the rendered text starts
+    with BOS); a text family's as the tokenizer's ``apply_chat_template(tokenize=True)`` does (adding none).
+    Without a template (base models) the family's built-in format is used, said once in the log."""
 
     family = ""
+    #: How the rendered chat text is tokenized: True as a processor does (the tokenizer's special tokens added
+    #: unless the text starts with BOS), False as a tokenizer's apply_chat_template does (none added).
+    processor_tokenization = True
 
-    def __init__(self, tokenizer, hf_config, *, checkpoint: Optional[str] = None) -> None:
+    def __init__(self, tokenizer, hf_config, *, checkpoint: Optional[str] = None,
+                 system_prompt: Optional[str] = None) -> None:
         self.tok = tokenizer
         self.hf_config = hf_config
         self.checkpoint = checkpoint
+        self.system_prompt = system_prompt
+        self.chat_template = getattr(tokenizer, "chat_template", None) or None
+
+    def _no_template_note(self, builtin: str) -> None:
+        """Say once that the tokenizer has no chat template and ``builtin`` is used."""
+        if self.chat_template is None:
+            _say_once(f"[prompt] model.family={self.family}: the tokenizer has no chat template (a base model?); "
+                      f"prompts use the built-in format {builtin}")
 
     def format(self, sample):
         """A data sample -> :class:`~megatron_rcpa.rollout.engine.PromptInput`."""
@@ -172,6 +208,55 @@ class PromptFormat:
 
     def __call__(self, sample):
         return self.format(sample)
+
+    # ------------------------------------------------------------------------------------- chat template
+    def chat_messages(self, sample, *, vision: bool = True) -> List[Dict[str, Any]]:
+        """The conversation the chat template renders for ``sample`` (see the class docstring). ``vision``:
+        contents as lists of parts with ``{"type": "image"}`` (HF processors' form), else plain strings."""
+        n_images = len(sample.images or ())
+        if sample.messages:
+            messages = [{"role": m["role"], "content": _parts(m.get("content"))} for m in sample.messages]
+        else:
+            messages = [{"role": "user", "content": [{"type": "text", "text": sample.prompt}]}]
+        placed = sum(p["type"] == "image" for m in messages for p in m["content"])
+        if n_images and not placed:  # images the messages do not place go first in the first user turn
+            first = next((m for m in messages if m["role"] == "user"), messages[0])
+            first["content"] = [{"type": "image"} for _ in range(n_images)] + first["content"]
+        elif placed != n_images:
+            raise ValueError(f"sample {sample.id!r}: its messages place {placed} image(s) but it has {n_images}")
+        if self.system_prompt is not None:
+            system = {"role": "system", "content": [{"type": "text", "text": self.system_prompt}]}
+            messages = [system] + messages[1:] if messages[0]["role"] == "system" else [system] + messages
+        if not vision:
+            for m in messages:
+                m["content"] = "".join(p["text"] for p in m["content"] if p["type"] == "text")
+        return messages
+
+    def chat_prompt_ids(self, sample, image_token_id: Optional[int] = None,
+                        tokens_per_image: Sequence[int] = ()) -> List[int]:
+        """``sample``'s prompt ids through the chat template, each ``image_token_id`` in the rendered text
+        expanded to ``tokens_per_image[i]`` copies (in image order) as the HF processor does."""
+        text = self.tok.apply_chat_template(self.chat_messages(sample, vision=image_token_id is not None),
+                                            add_generation_prompt=True)
+        return self.encode_prompt(sample, text, image_token_id, tokens_per_image)
+
+    def encode_prompt(self, sample, text: str, image_token_id: Optional[int] = None,
+                      tokens_per_image: Sequence[int] = ()) -> List[int]:
+        """``text`` (a rendered prompt with one ``image_token_id`` per image) -> ids, placeholders expanded."""
+        bos = getattr(self.tok, "bos_token", None)
+        special = self.processor_tokenization and not (bos and text.startswith(bos))
+        ids = self.tok.encode(text, add_special_tokens=special)
+        if image_token_id is None:
+            return ids
+        found = ids.count(image_token_id)
+        if found != len(tokens_per_image):
+            raise ValueError(f"sample {sample.id!r}: the prompt holds {found} image placeholder(s) (token id "
+                             f"{image_token_id}) but the sample has {len(tokens_per_image)} image(s)")
+        out: List[int] = []
+        counts = iter(tokens_per_image)
+        for i in ids:
+            out.extend([i] * next(counts) if i == image_token_id else [i])
+        return out
 
     def structural_ids(self) -> List[int]:
         """Token ids a rollout must never sample (image placeholders, chat structure, padding); EOS stays."""
@@ -200,6 +285,27 @@ class PromptFormat:
 
         return PromptInput(key=sample.id, prompt_ids=prompt_ids, reference=sample.reference,
                            reference_ids=self._reference_ids(sample), **images)
+
+
+def _parts(content: Any) -> List[Dict[str, Any]]:
+    """A message's content as HF parts: ``<image>`` in text (verl) splits into ``{"type": "image"}`` parts."""
+    if content is None:
+        return []
+    raw = [content] if isinstance(content, str) else list(content)
+    out: List[Dict[str, Any]] = []
+    for part in raw:
+        if isinstance(part, dict) and (part.get("type") == "image" or (part.get("type") is None and "image" in part)):
+            out.append({"type": "image"})
+            continue
+        text = part if isinstance(part, str) else part.get("text")
+        if not isinstance(text, str):
+            raise ValueError(f"a message part is neither text nor an image: {part!r}")
+        for i, piece in enumerate(text.split("<image>")):
+            if i:
+                out.append({"type": "image"})
+            if piece:
+                out.append({"type": "text", "text": piece})
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- registry

@@ -1,8 +1,10 @@
 """The ``llava`` family: HF ``LlavaForConditionalGeneration`` (CLIP / SigLIP + Llama / Qwen2) ->
 :mod:`megatron_rcpa.models.llava`.
 
-Prompt: LLaVA-1.5's ``USER: <image>*n\\n{prompt} ASSISTANT:`` (``tokens_per_image`` ``<image>`` tokens per
-image); images ``[3, S, S]`` as the HF processor makes them (the checkpoint's ``preprocessor_config.json``).
+Prompt: the checkpoint's chat template (the tiny demo's character tokenizer has a ChatML one), else LLaVA-1.5's
+``USER: <image>*n\\n{prompt} ASSISTANT:``; each ``<image>`` expanded to ``tokens_per_image`` tokens and the text
+tokenized with the tokenizer's special tokens (BOS) as ``LlavaProcessor`` does; images ``[3, S, S]`` as the HF
+processor makes them (the checkpoint's ``preprocessor_config.json``).
 """
 
 from __future__ import annotations
@@ -75,10 +77,12 @@ def _processor_settings(checkpoint: Optional[str]) -> Dict[str, Any]:
 
 
 class LlavaPrompt(PromptFormat):
-    """LLaVA-1.5's prompt, ``USER: <image>*n\\n{prompt} ASSISTANT:``, the images as the HF processor makes them
-    (``[3, S, S]``, normalised with the checkpoint's processor settings)."""
+    """The chat template's prompt (else LLaVA-1.5's ``USER: <image>*n\\n{prompt} ASSISTANT:``) with BOS as the
+    processor adds it, the images as the HF processor makes them (``[3, S, S]``, normalised with the
+    checkpoint's processor settings)."""
 
     family = "llava"
+    IMAGE_TOKEN = "<image>"
 
     def __init__(self, tokenizer, hf_config, **kwargs: Any) -> None:
         from megatron_rcpa.models.llava import llava_vision_dims
@@ -87,6 +91,7 @@ class LlavaPrompt(PromptFormat):
         self.vision = llava_vision_dims(hf_config)
         self.image_token_id = int(hf_config.image_token_id)
         self.settings = _processor_settings(self.checkpoint)
+        self._no_template_note("LLaVA-1.5: USER: <image>\\n{prompt} ASSISTANT: (with BOS)")
 
     def _structural(self) -> Sequence[int]:
         return [self.image_token_id]
@@ -94,13 +99,20 @@ class LlavaPrompt(PromptFormat):
     def format(self, sample):
         from megatron_rcpa.data.vision import image_to_square
 
-        e = self.tok.encode
-        ids = e("USER: ")
         pv = None
+        ntok = [self.vision.tokens_per_image] * len(sample.images or ())
         if sample.images:
             pv = torch.stack([image_to_square(img, self.vision.image_size, self.settings) for img in sample.images])
-            ids += [self.image_token_id] * (self.vision.tokens_per_image * len(sample.images)) + e("\n")
-        ids += e(sample.prompt) + e(" ASSISTANT:")
+        if self.chat_template is not None:
+            ids = self.chat_prompt_ids(sample, self.image_token_id, ntok)
+        else:
+            if ntok and self.tok.token_id(self.IMAGE_TOKEN) != self.image_token_id:
+                raise ValueError(f"the tokenizer's {self.IMAGE_TOKEN!r} is id {self.tok.token_id(self.IMAGE_TOKEN)}"
+                                 f" but config.json's image_token_id is {self.image_token_id}")
+            system = "" if self.system_prompt is None else f"{self.system_prompt} "
+            images = self.IMAGE_TOKEN * len(ntok) + ("\n" if ntok else "")
+            text = f"{system}USER: {images}{sample.prompt} ASSISTANT:"
+            ids = self.encode_prompt(sample, text, self.image_token_id, ntok)
         return self._prompt_input(sample, ids, pixel_values=pv)
 
 

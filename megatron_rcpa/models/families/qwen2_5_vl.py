@@ -1,12 +1,16 @@
 """The ``qwen2_5_vl`` family: HF ``Qwen2_5_VLForConditionalGeneration`` -> :mod:`megatron_rcpa.models.qwen2_5_vl`.
 
-Prompt: ChatML, one ``<|vision_start|><|image_pad|>*n<|vision_end|>`` run per image (n = the image's merged
-patches); images as flattened patches with one ``image_grid_thw`` row each.
+Prompt: the checkpoint's chat template (Qwen2.5-VL's ChatML with its default system turn; the tiny demo's
+character tokenizer has a ChatML template of its own), each image's ``<|image_pad|>`` expanded to n tokens (n =
+the image's merged patches) as ``Qwen2_5_VLProcessor`` does; without a template the built-in ChatML (no system
+turn). Images are resized by the processor's ``smart_resize`` rule (the checkpoint's ``preprocessor_config.json``
+``min_pixels`` / ``max_pixels``, else the processor's defaults) and cut into flattened patches with one
+``image_grid_thw`` row each.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence, Tuple
+from typing import Any, List, Sequence, Tuple
 
 from megatron_rcpa.convert.errors import ConversionError
 from megatron_rcpa.convert.weight_maps import Entry, ModuleMap, decoder_tensor_maps
@@ -38,17 +42,21 @@ def _table(hf_config: Any) -> Tuple[Entry, ...]:
 
 
 class Qwen2_5_VLPrompt(PromptFormat):
-    """ChatML prompt with ``<|vision_start|><|image_pad|>*n<|vision_end|>`` per image."""
+    """The chat template's prompt (else ChatML) with ``<|vision_start|><|image_pad|>*n<|vision_end|>`` per image."""
 
     family = "qwen2_5_vl"
     _NAMES = ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
     def __init__(self, tokenizer, hf_config, **kwargs: Any) -> None:
-        from megatron_rcpa.data.vision import VisionSpec
+        from megatron_rcpa.data.vision import VisionSpec, qwen_pixel_limits
+        from megatron_rcpa.models.families.llava import _processor_settings
 
         super().__init__(tokenizer, hf_config, **kwargs)
         self.spec = VisionSpec.from_hf_config(hf_config)
         self.ids = {n: tokenizer.token_id(n) for n in self._NAMES}
+        self.settings = _processor_settings(self.checkpoint)
+        self.min_pixels, self.max_pixels = qwen_pixel_limits(self.settings)
+        self._no_template_note("ChatML: <|im_start|>user\\n{images}{prompt}<|im_end|>\\n<|im_start|>assistant\\n")
 
     def _structural(self) -> Sequence[int]:
         ids = list(self.ids.values())
@@ -61,14 +69,20 @@ class Qwen2_5_VLPrompt(PromptFormat):
     def format(self, sample):
         from megatron_rcpa.data.vision import images_to_inputs
 
-        e, i = self.tok.encode, self.ids
-        ids = [i["<|im_start|>"]] + e("user\n")
         pv = grid = None
+        ntok: List[int] = []
         if sample.images:
-            pv, grid, ntok = images_to_inputs(sample.images, self.spec)
-            for n in ntok:
-                ids += [i["<|vision_start|>"]] + [i["<|image_pad|>"]] * n + [i["<|vision_end|>"]]
-        ids += e(sample.prompt) + [i["<|im_end|>"]] + e("\n") + [i["<|im_start|>"]] + e("assistant\n")
+            pv, grid, ntok = images_to_inputs(sample.images, self.spec, min_pixels=self.min_pixels,
+                                              max_pixels=self.max_pixels, settings=self.settings)
+        pad = self.ids["<|image_pad|>"]
+        if self.chat_template is not None:
+            ids = self.chat_prompt_ids(sample, pad, ntok)
+        else:
+            system = ("" if self.system_prompt is None
+                      else f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n")
+            run = "<|vision_start|><|image_pad|><|vision_end|>" * len(ntok)
+            text = f"{system}<|im_start|>user\n{run}{sample.prompt}<|im_end|>\n<|im_start|>assistant\n"
+            ids = self.encode_prompt(sample, text, pad, ntok)
         return self._prompt_input(sample, ids, pixel_values=pv, image_grid_thw=grid)
 
 

@@ -1,7 +1,9 @@
 """The plain text families ``llama`` and ``qwen2``: HF ``LlamaForCausalLM`` / ``Qwen2ForCausalLM`` ->
 :mod:`megatron_rcpa.models.text_lm`.
 
-Prompt: ``User: {prompt}\\nAssistant:``; a sample with images is an error.
+Prompt: the tokenizer's chat template (instruct models; the tiny demo's character tokenizer has a ChatML one),
+tokenized as ``tokenizer.apply_chat_template(tokenize=True)`` does; without one (base models)
+``User: {prompt}\\nAssistant:`` with the tokenizer's special tokens (BOS). A sample with images is an error.
 """
 
 from __future__ import annotations
@@ -14,16 +16,23 @@ from megatron_rcpa.models.families import Family, PromptFormat, register
 
 
 class TextPrompt(PromptFormat):
-    """A plain text prompt, ``User: {prompt}\\nAssistant:``; samples with images are refused."""
+    """The chat template's prompt (else ``User: {prompt}\\nAssistant:``); samples with images are refused."""
+
+    processor_tokenization = False  # as tokenizer.apply_chat_template(tokenize=True): no special tokens added
 
     def __init__(self, tokenizer, hf_config, **kwargs: Any) -> None:
         super().__init__(tokenizer, hf_config, **kwargs)
         self.family = hf_config.model_type
+        self._no_template_note("User: {prompt}\\nAssistant: (with the tokenizer's BOS)")
 
     def format(self, sample):
         if sample.images:
             raise ValueError(f"sample {sample.id!r} has images but model.family={self.family!r} is a text model")
-        return self._prompt_input(sample, self.tok.encode(f"User: {sample.prompt}\nAssistant:"))
+        if self.chat_template is not None:
+            return self._prompt_input(sample, self.chat_prompt_ids(sample))
+        system = "" if self.system_prompt is None else f"System: {self.system_prompt}\n"
+        ids = self.tok.encode(f"{system}User: {sample.prompt}\nAssistant:", add_special_tokens=True)
+        return self._prompt_input(sample, ids)
 
 
 def _init_tiny_weights(policy, seed: int) -> None:
