@@ -25,6 +25,7 @@ from megatron_rcpa.convert.checkpoint import (
     ASSETS_DIR,
     INCOMPLETE_SUFFIX,
     MODEL_DIR,
+    CheckpointMetadata,
     build_policy_from_checkpoint,
     read_metadata,
     refuse_overlap,
@@ -37,7 +38,7 @@ from megatron_rcpa.convert.safe_metadata import check_dcp_metadata
 from megatron_rcpa.convert.weight_maps import Kind, to_hf_tensors
 from megatron_rcpa.models.decoder import parse_dtype
 
-__all__ = ["convert_megatron_to_hf", "export_hf_tensors", "parse_size"]
+__all__ = ["convert_megatron_to_hf", "export_hf_tensors", "export_stage_parts", "finish_export", "parse_size"]
 
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -86,13 +87,22 @@ def export_hf_tensors(policy: torch.nn.Module, family: ModelFamily, hf_config: A
 
 def _export_rank(ckpt_dir: str, stage_dir: str, dtype_name: Optional[str],
                  max_shard_bytes: int) -> List[Dict[str, Any]]:
-    """Load the checkpoint at this grid; TP rank 0 of each stage writes its tensors in parts.
+    """Load the checkpoint at this grid; TP rank 0 of each stage writes its tensors in parts."""
+    policy, meta = build_policy_from_checkpoint(ckpt_dir)
+    return export_stage_parts(policy, meta, stage_dir, dtype_name, max_shard_bytes)
+
+
+def export_stage_parts(policy: torch.nn.Module, meta: CheckpointMetadata, stage_dir: str,
+                       dtype_name: Optional[str], max_shard_bytes: int) -> List[Dict[str, Any]]:
+    """Write this stage's HF tensors into ``stage_dir`` as ``stageSSS-partNNNNN.safetensors`` files of at most
+    ``max_shard_bytes`` each (a single larger tensor gets a part of its own); every TP rank calls (the TP
+    shards are gathered), the first TP rank writes. Each part is written as soon as it is full, so at most one
+    part's tensors are held besides the policy. Returns the parts (file, names, bytes) written here.
 
     Without ``dtype_name`` every tensor gets back the dtype it had in the original HF checkpoint."""
     from megatron.core import parallel_state
     from safetensors.torch import save_file
 
-    policy, meta = build_policy_from_checkpoint(ckpt_dir)
     family = family_by_name(meta.family)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     default = parse_dtype(dtype_name or meta.source_dtype or meta.dtype)
@@ -120,6 +130,33 @@ def _export_rank(ckpt_dir: str, stage_dir: str, dtype_name: Optional[str],
     return parts
 
 
+def finish_export(tmp: str, out_dir: str, parts: List[Dict[str, Any]], meta: CheckpointMetadata,
+                  dtype: Optional[str], assets_dir: Optional[str]) -> List[str]:
+    """Turn the parts written into ``tmp`` (by :func:`export_stage_parts` on every stage) into an HF directory:
+    shard names and index, ``config.json``, the assets of ``assets_dir`` listed in ``meta.assets``, the
+    manifest; then rename ``tmp`` to ``out_dir`` (replacing it). Returns the safetensors file names."""
+    dtype_t = parse_dtype(dtype or meta.source_dtype or meta.dtype)
+    parts = sorted(parts, key=lambda p: p["file"])  # stageSSS-partNNNNN: stage order, then part order
+    files = _name_shards(tmp, parts)
+    config = dict(meta.hf_config)
+    if not config.get("architectures"):  # a config built in code (a trainer's tiny model) names none
+        config["architectures"] = [family_by_name(meta.family).architectures[0]]
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = _TORCH_DTYPE_NAMES[dtype_t]
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    for name in meta.assets:
+        if os.path.exists(os.path.join(tmp, name)):
+            raise ConversionError(f"asset {name!r} of {assets_dir!r} would replace the exported {name}")
+        copy_asset(assets_dir, name, tmp)
+    write_manifest(tmp)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return files
+
+
 def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, dtype: Optional[str] = None, tp: int = 1,
                            pp: int = 1, max_shard_size: Any = "5GB", overwrite: bool = False,
                            in_process: bool = False, timeout: float = 3600.0, verify: bool = False) -> List[str]:
@@ -138,7 +175,7 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, dtype: Optional[s
     if os.path.exists(out_dir) and not overwrite:
         raise ConversionError(f"output {out_dir!r} already exists (use --overwrite to replace it)")
     try:
-        dtype_t = parse_dtype(dtype or meta.source_dtype or meta.dtype)
+        parse_dtype(dtype or meta.source_dtype or meta.dtype)
     except ValueError as exc:
         raise ConversionError(f"{megatron_dir!r}: {exc}") from exc
     check_manifest(megatron_dir, checksums=verify)
@@ -155,24 +192,8 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, dtype: Optional[s
         results = run_on_layout(_export_rank, tp=tp, pp=pp,
                                 args=(os.path.abspath(megatron_dir), tmp, dtype, parse_size(max_shard_size)),
                                 timeout=timeout, in_process=in_process)
-        parts = [p for rank_parts in results for p in rank_parts]  # rank order = stage order at TP rank 0
-        files = _name_shards(tmp, parts)
-        config = dict(meta.hf_config)
-        if not config.get("architectures"):  # a config built in code (a trainer's tiny model) names none
-            config["architectures"] = [family_by_name(meta.family).architectures[0]]
-        for key in ("dtype", "torch_dtype"):
-            if key in config or key == "dtype":
-                config[key] = _TORCH_DTYPE_NAMES[dtype_t]
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        for name in meta.assets:
-            if os.path.exists(os.path.join(tmp, name)):
-                raise ConversionError(f"asset {name!r} of {megatron_dir!r} would replace the exported {name}")
-            copy_asset(assets, name, tmp)
-        write_manifest(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        parts = [p for rank_parts in results for p in rank_parts]
+        files = finish_export(tmp, out_dir, parts, meta, dtype, assets)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
