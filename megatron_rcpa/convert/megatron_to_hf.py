@@ -96,38 +96,76 @@ def export_stage_parts(policy: torch.nn.Module, meta: CheckpointMetadata, stage_
                        dtype_name: Optional[str], max_shard_bytes: int) -> List[Dict[str, Any]]:
     """Write this stage's HF tensors into ``stage_dir`` as ``stageSSS-partNNNNN.safetensors`` files of at most
     ``max_shard_bytes`` each (a single larger tensor gets a part of its own); every TP rank calls (the TP
-    shards are gathered), the first TP rank writes. Each part is written as soon as it is full, so at most one
-    part's tensors are held besides the policy. Returns the parts (file, names, bytes) written here.
+    shards are gathered), the first TP rank writes. Streamed (:class:`_PartWriter`): each tensor's bytes go
+    to disk as soon as it is gathered, so the export holds one HF tensor besides the policy. Returns the parts
+    (file, names, bytes) written here.
 
     Without ``dtype_name`` every tensor gets back the dtype it had in the original HF checkpoint."""
     from megatron.core import parallel_state
-    from safetensors.torch import save_file
 
     family = family_by_name(meta.family)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     default = parse_dtype(dtype_name or meta.source_dtype or meta.dtype)
     per_tensor = {} if dtype_name else {n: parse_dtype(d) for n, d in meta.hf_tensor_dtypes.items()}
     parts: List[Dict[str, Any]] = []
-    current: Dict[str, torch.Tensor] = {}
-    size = 0
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            file = f"stage{stage:03d}-part{len(parts):05d}.safetensors"
-            save_file(current, os.path.join(stage_dir, file), metadata={"format": "pt"})
-            parts.append({"file": file, "names": sorted(current), "bytes": size})
-            current, size = {}, 0
-
+    writer: Optional[_PartWriter] = None
     for hf_name, tensor in export_hf_tensors(policy, family, meta.hf_config):
         tensor = tensor.to(per_tensor.get(hf_name, default))
         nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            flush()
-        current[hf_name] = tensor
-        size += nbytes
-    flush()
+        if writer is not None and writer.size and writer.size + nbytes > max_shard_bytes:
+            parts.append(writer.close())
+            writer = None
+        if writer is None:
+            writer = _PartWriter(stage_dir, f"stage{stage:03d}-part{len(parts):05d}.safetensors")
+        writer.add(hf_name, tensor)
+        del tensor
+    if writer is not None:
+        parts.append(writer.close())
     return parts
+
+
+_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
+class _PartWriter:
+    """A safetensors file written one tensor at a time: the tensors' bytes are appended to ``<file>.data`` as
+    they come; :meth:`close` writes the header (``{"__metadata__": {"format": "pt"}, name: {dtype, shape,
+    data_offsets}}``, space-padded to 8-byte alignment, as safetensors writes it) and then the data, copied in
+    chunks. Memory: one tensor; disk: the part is written twice."""
+
+    _CHUNK = 64 << 20
+
+    def __init__(self, directory: str, file: str) -> None:
+        self.directory, self.file = directory, file
+        self.data_path = os.path.join(directory, file + ".data")
+        self._data = open(self.data_path, "wb")
+        self.entries: Dict[str, Dict[str, Any]] = {}
+        self.size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _ST_NAMES:
+            raise ConversionError(f"cannot write HF tensor {name!r} of dtype {tensor.dtype} to safetensors")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._data.write(memoryview(flat.numpy()))
+        n = flat.numel()
+        self.entries[name] = {"dtype": _ST_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.size, self.size + n]}
+        self.size += n
+
+    def close(self) -> Dict[str, Any]:
+        import struct
+
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-(8 + len(header)) % 8)
+        with open(os.path.join(self.directory, self.file), "wb") as out, open(self.data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, self._CHUNK)
+        os.remove(self.data_path)
+        return {"file": self.file, "names": sorted(self.entries), "bytes": self.size}
 
 
 def finish_export(tmp: str, out_dir: str, parts: List[Dict[str, Any]], meta: CheckpointMetadata,
