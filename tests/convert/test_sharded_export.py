@@ -9,8 +9,6 @@ import os
 
 import pytest
 
-pytestmark = [pytest.mark.multiproc, pytest.mark.megatron]
-
 
 def _tensor_bytes(path: str) -> dict:
     from safetensors import safe_open
@@ -23,6 +21,8 @@ def _tensor_bytes(path: str) -> dict:
     return out
 
 
+@pytest.mark.multiproc
+@pytest.mark.megatron
 def test_export_is_sharded_with_a_correct_index_and_loads_in_transformers(tmp_path):
     import torch
     from transformers import AutoModelForCausalLM
@@ -69,3 +69,42 @@ def test_max_shard_size_is_checked():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("50KB") == 50_000 and parse_size(1234) == 1234
     with pytest.raises(ConversionError, match="cannot parse size 'big'"):
         parse_size("big")
+
+
+def test_streamed_reads_and_writes_are_exact(tmp_path):
+    """The reader's plain reads equal safetensors' own; the part writer's files load in safetensors with the
+    same tensors (bf16, fp32, a 0-dim and an empty tensor), in several parts with a correct index."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from megatron_rcpa.convert.hf_io import HFCheckpointReader
+    from megatron_rcpa.convert.megatron_to_hf import _PartWriter
+
+    torch.manual_seed(0)
+    tensors = {"a.weight": torch.randn(7, 5).to(torch.bfloat16), "b.bias": torch.randn(3),
+               "c.scalar": torch.tensor(2.5), "d.empty": torch.zeros(0, 4), "e.ids": torch.arange(6)}
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
+    (src / "config.json").write_text("{}")
+    reader = HFCheckpointReader(str(src))
+    with safe_open(str(src / "model.safetensors"), framework="pt") as f:
+        for name in tensors:
+            got = reader.get(name)
+            assert got.dtype == f.get_tensor(name).dtype and torch.equal(got, f.get_tensor(name)), name
+    reader.close()
+
+    writer = _PartWriter(str(tmp_path), "part.safetensors")
+    for name, t in tensors.items():
+        writer.add(name, t)
+    info = writer.close()
+    assert info["names"] == sorted(tensors) and info["bytes"] == sum(t.numel() * t.element_size()
+                                                                      for t in tensors.values())
+    assert not os.path.exists(tmp_path / "part.safetensors.data")
+    loaded = load_file(str(tmp_path / "part.safetensors"))
+    assert sorted(loaded) == sorted(tensors)
+    for name, t in tensors.items():
+        assert loaded[name].dtype == t.dtype and torch.equal(loaded[name], t), name
+    with safe_open(str(tmp_path / "part.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}
