@@ -65,7 +65,9 @@ def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: boo
 
     if "transformer_layer_spec" not in build_kwargs:  # (the profiler's FP8 run brings TE's spec)
         build_kwargs = {**policy_attention_kwargs(cfg.model.family, cfg.model.attention), **build_kwargs}
-    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    from megatron_rcpa.train.hf_checkpoint import resolve_dtype
+
+    dtype = torch.bfloat16 if resolve_dtype(cfg.model) == "bf16" else torch.float32
     if cfg.model.tiny:
         family = families.get(cfg.model.family)
         policy = family.build_policy(hf_config, params_dtype=dtype, **build_kwargs)
@@ -182,6 +184,10 @@ def build_step_context(cfg: TrainConfig, groups, tok, hf_config, family, *, stop
     from megatron_rcpa.models.policy_base import trainer_forward  # one forward for every family
 
     check_batch_layout(cfg, groups.dp_size)
+    if cfg.model.dtype == "auto":  # (the Trainer resolves it first; a direct caller gets the same rule)
+        from megatron_rcpa.train.hf_checkpoint import resolve_dtype
+
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=resolve_dtype(cfg.model)))
     policy = build_policy(cfg, hf_config, **(policy_kwargs or {}))
     freeze_groups(policy, cfg)
     if cfg.model.vision_recompute:
