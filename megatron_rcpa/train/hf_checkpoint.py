@@ -105,11 +105,12 @@ def _reusable(out: str, marker: Optional[Dict[str, Any]], fingerprint: Dict[str,
 
 
 def ensure_converted(hf_dir: str, output_dir: str, *, wait_timeout: float = WAIT_TIMEOUT_S,
-                     convert_timeout: float = 3600.0, poll_s: float = 0.5) -> str:
-    """The megatron checkpoint converted from ``hf_dir`` under ``<output_dir>/converted/`` (converted now by
-    global rank 0 unless a matching conversion is there; the other ranks wait for it). Returns its path."""
+                     convert_timeout: float = 3600.0, poll_s: float = 0.5, name: Optional[str] = None) -> str:
+    """The megatron checkpoint converted from ``hf_dir`` under ``<output_dir>/converted/<name>`` (``name``:
+    the directory's own name by default; converted now by global rank 0 unless a matching conversion is
+    there; the other ranks wait for it). Returns its path."""
     hf_dir = os.path.abspath(hf_dir.rstrip("/"))
-    name = os.path.basename(hf_dir)
+    name = name or os.path.basename(hf_dir)
     root = os.path.join(os.path.abspath(output_dir), CONVERTED_DIR)
     out, marker_path = os.path.join(root, name), os.path.join(root, name + ".json")
     fingerprint = _fingerprint(hf_dir)
@@ -155,11 +156,15 @@ def ensure_converted(hf_dir: str, output_dir: str, *, wait_timeout: float = WAIT
 def prepare_checkpoints(cfg, **kwargs: Any):
     """``cfg`` with an HF ``model.checkpoint`` / ``model.reference_checkpoint`` replaced by its conversion
     (:func:`ensure_converted`) and ``model.dtype = auto`` resolved (:func:`resolve_dtype`)."""
-    changes = {}
+    changes, names = {}, {}
     for key in ("checkpoint", "reference_checkpoint"):
         path = getattr(cfg.model, key)
         if is_hf_dir(path):
-            changes[key] = ensure_converted(path, cfg.run.output_dir, **kwargs)
+            real, name = os.path.realpath(path), os.path.basename(os.path.abspath(path.rstrip("/")))
+            if names.get(name, real) != real:  # another directory of the same name: a conversion of its own
+                name += "-reference"
+            names[name] = real
+            changes[key] = ensure_converted(path, cfg.run.output_dir, name=name, **kwargs)
     model = dataclasses.replace(cfg.model, **changes) if changes else cfg.model
     model = dataclasses.replace(model, dtype=resolve_dtype(model))
     return dataclasses.replace(cfg, model=model)

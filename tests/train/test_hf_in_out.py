@@ -153,3 +153,29 @@ def test_hf_dir_trains_and_exports_a_sharded_hf_dir_with_the_trained_logits(tmp_
     assert os.path.isfile(os.path.join(export, "tokenizer.json"))
     report = verify_conversion(export, policy_dir, timeout=300)  # the exported HF logits = the trained policy's
     assert report.passed, report.format()
+
+
+def test_policy_and_reference_hf_dirs_of_one_name_convert_apart(tmp_path, monkeypatch):
+    from megatron_rcpa.train import hf_checkpoint
+
+    calls = []
+
+    def fake(path, output_dir, *, name):
+        calls.append((path, name))
+        return os.path.join(output_dir, "converted", name)
+
+    monkeypatch.setattr(hf_checkpoint, "ensure_converted", fake)
+    monkeypatch.setattr(hf_checkpoint, "resolve_dtype", lambda model: "fp32")
+    for sub in ("a/model", "b/model"):
+        (tmp_path / sub).mkdir(parents=True)
+        (tmp_path / sub / "config.json").write_text("{}")
+    out = str(tmp_path / "run")
+    cfg = hf_checkpoint.prepare_checkpoints(_cfg(out, **{"model.tiny": "false",
+                                                         "model.checkpoint": str(tmp_path / "a/model"),
+                                                         "model.reference_checkpoint": str(tmp_path / "b/model")}))
+    assert [n for _, n in calls] == ["model", "model-reference"]
+    assert cfg.model.reference_checkpoint.endswith("model-reference")
+    calls.clear()
+    hf_checkpoint.prepare_checkpoints(_cfg(out, **{"model.tiny": "false", "model.checkpoint": str(tmp_path / "a/model"),
+                                                   "model.reference_checkpoint": str(tmp_path / "a/model")}))
+    assert [n for _, n in calls] == ["model", "model"]  # the same directory: one conversion, reused
