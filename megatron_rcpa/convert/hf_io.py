@@ -31,6 +31,9 @@ __all__ = [
 ]
 
 INDEX_FILE = "model.safetensors.index.json"
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
 SINGLE_FILE = "model.safetensors"
 
 #: Files copied verbatim between an HF directory and a converted checkpoint (tokenizer, processor,
@@ -108,6 +111,7 @@ class HFCheckpointReader:
         self.hf_dir = hf_dir
         self.aliases = tuple(aliases)
         self._handles: Dict[str, Any] = {}
+        self._headers: Dict[str, Tuple[Dict[str, Any], int]] = {}
         self._where: Dict[str, Tuple[str, str]] = {}  # canonical name -> (file, stored name)
         for file, stored in self._list_tensors():
             name = normalize_name(stored, self.aliases)
@@ -174,12 +178,43 @@ class HFCheckpointReader:
         return str(self._handle(file).get_slice(stored).get_dtype())
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor, read from the file into memory of its own (``pread`` of its bytes, not a memory map:
+        the file's pages never count towards this process's resident memory, so converting a checkpoint
+        holds one tensor of it at a time, not every page read so far)."""
         file, stored = self._locate(name)
+        path = os.path.join(self.hf_dir, file)
         try:
-            return self._handle(file).get_tensor(stored)
+            entry, start = self._entry(file, stored)
+            dtype = _ST_DTYPES.get(entry["dtype"])
+            if dtype is None:  # a dtype torch.frombuffer cannot view: the library's reader
+                return self._handle(file).get_tensor(stored)
+            begin, end = (int(x) for x in entry["data_offsets"])
+            shape = [int(d) for d in entry["shape"]]
+            if end == begin:
+                return torch.empty(shape, dtype=dtype)
+            buf = bytearray(end - begin)
+            with open(path, "rb") as f:
+                f.seek(start + begin)
+                if f.readinto(buf) != end - begin:
+                    raise ConversionError(f"{path} ends inside tensor {stored!r} (truncated file)")
+            return torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(shape)
+        except ConversionError:
+            raise
         except Exception as exc:  # noqa: BLE001
-            raise ConversionError(f"cannot read tensor {stored!r} from {os.path.join(self.hf_dir, file)}: "
-                                  f"{exc}") from exc
+            raise ConversionError(f"cannot read tensor {stored!r} from {path}: {exc}") from exc
+
+    def _entry(self, file: str, stored: str) -> Tuple[Dict[str, Any], int]:
+        """(header entry of ``stored``, offset of the file's data) from the safetensors header (a little-endian
+        u64 length, then that much JSON); the header was already validated by ``safe_open``."""
+        if file not in self._headers:
+            import struct
+
+            path = os.path.join(self.hf_dir, file)
+            with open(path, "rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                self._headers[file] = (json.loads(f.read(n)), 8 + n)
+        header, start = self._headers[file]
+        return header[stored], start
 
     def _locate(self, name: str) -> Tuple[str, str]:
         try:
@@ -189,6 +224,7 @@ class HFCheckpointReader:
 
     def close(self) -> None:
         self._handles.clear()
+        self._headers.clear()
 
 
 def write_safetensors_shards(tensors_by_shard: Sequence[Dict[str, torch.Tensor]], out_dir: str,

@@ -25,6 +25,7 @@ from megatron_rcpa.convert.checkpoint import (
     ASSETS_DIR,
     INCOMPLETE_SUFFIX,
     MODEL_DIR,
+    CheckpointMetadata,
     build_policy_from_checkpoint,
     read_metadata,
     refuse_overlap,
@@ -37,7 +38,7 @@ from megatron_rcpa.convert.safe_metadata import check_dcp_metadata
 from megatron_rcpa.convert.weight_maps import Kind, to_hf_tensors
 from megatron_rcpa.models.decoder import parse_dtype
 
-__all__ = ["convert_megatron_to_hf", "export_hf_tensors", "parse_size"]
+__all__ = ["convert_megatron_to_hf", "export_hf_tensors", "export_stage_parts", "finish_export", "parse_size"]
 
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -86,38 +87,112 @@ def export_hf_tensors(policy: torch.nn.Module, family: ModelFamily, hf_config: A
 
 def _export_rank(ckpt_dir: str, stage_dir: str, dtype_name: Optional[str],
                  max_shard_bytes: int) -> List[Dict[str, Any]]:
-    """Load the checkpoint at this grid; TP rank 0 of each stage writes its tensors in parts.
+    """Load the checkpoint at this grid; TP rank 0 of each stage writes its tensors in parts."""
+    policy, meta = build_policy_from_checkpoint(ckpt_dir)
+    return export_stage_parts(policy, meta, stage_dir, dtype_name, max_shard_bytes)
+
+
+def export_stage_parts(policy: torch.nn.Module, meta: CheckpointMetadata, stage_dir: str,
+                       dtype_name: Optional[str], max_shard_bytes: int) -> List[Dict[str, Any]]:
+    """Write this stage's HF tensors into ``stage_dir`` as ``stageSSS-partNNNNN.safetensors`` files of at most
+    ``max_shard_bytes`` each (a single larger tensor gets a part of its own); every TP rank calls (the TP
+    shards are gathered), the first TP rank writes. Streamed (:class:`_PartWriter`): each tensor's bytes go
+    to disk as soon as it is gathered, so the export holds one HF tensor besides the policy. Returns the parts
+    (file, names, bytes) written here.
 
     Without ``dtype_name`` every tensor gets back the dtype it had in the original HF checkpoint."""
     from megatron.core import parallel_state
-    from safetensors.torch import save_file
 
-    policy, meta = build_policy_from_checkpoint(ckpt_dir)
     family = family_by_name(meta.family)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     default = parse_dtype(dtype_name or meta.source_dtype or meta.dtype)
     per_tensor = {} if dtype_name else {n: parse_dtype(d) for n, d in meta.hf_tensor_dtypes.items()}
     parts: List[Dict[str, Any]] = []
-    current: Dict[str, torch.Tensor] = {}
-    size = 0
-
-    def flush() -> None:
-        nonlocal current, size
-        if current:
-            file = f"stage{stage:03d}-part{len(parts):05d}.safetensors"
-            save_file(current, os.path.join(stage_dir, file), metadata={"format": "pt"})
-            parts.append({"file": file, "names": sorted(current), "bytes": size})
-            current, size = {}, 0
-
+    writer: Optional[_PartWriter] = None
     for hf_name, tensor in export_hf_tensors(policy, family, meta.hf_config):
         tensor = tensor.to(per_tensor.get(hf_name, default))
         nbytes = tensor.numel() * tensor.element_size()
-        if current and size + nbytes > max_shard_bytes:
-            flush()
-        current[hf_name] = tensor
-        size += nbytes
-    flush()
+        if writer is not None and writer.size and writer.size + nbytes > max_shard_bytes:
+            parts.append(writer.close())
+            writer = None
+        if writer is None:
+            writer = _PartWriter(stage_dir, f"stage{stage:03d}-part{len(parts):05d}.safetensors")
+        writer.add(hf_name, tensor)
+        del tensor
+    if writer is not None:
+        parts.append(writer.close())
     return parts
+
+
+_ST_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16", torch.float64: "F64",
+             torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+             torch.bool: "BOOL"}
+
+
+class _PartWriter:
+    """A safetensors file written one tensor at a time: the tensors' bytes are appended to ``<file>.data`` as
+    they come; :meth:`close` writes the header (``{"__metadata__": {"format": "pt"}, name: {dtype, shape,
+    data_offsets}}``, space-padded to 8-byte alignment, as safetensors writes it) and then the data, copied in
+    chunks. Memory: one tensor; disk: the part is written twice."""
+
+    _CHUNK = 64 << 20
+
+    def __init__(self, directory: str, file: str) -> None:
+        self.directory, self.file = directory, file
+        self.data_path = os.path.join(directory, file + ".data")
+        self._data = open(self.data_path, "wb")
+        self.entries: Dict[str, Dict[str, Any]] = {}
+        self.size = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if tensor.dtype not in _ST_NAMES:
+            raise ConversionError(f"cannot write HF tensor {name!r} of dtype {tensor.dtype} to safetensors")
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        self._data.write(memoryview(flat.numpy()))
+        n = flat.numel()
+        self.entries[name] = {"dtype": _ST_NAMES[tensor.dtype], "shape": list(tensor.shape),
+                              "data_offsets": [self.size, self.size + n]}
+        self.size += n
+
+    def close(self) -> Dict[str, Any]:
+        import struct
+
+        self._data.close()
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        header += b" " * (-(8 + len(header)) % 8)
+        with open(os.path.join(self.directory, self.file), "wb") as out, open(self.data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(header)))
+            out.write(header)
+            shutil.copyfileobj(data, out, self._CHUNK)
+        os.remove(self.data_path)
+        return {"file": self.file, "names": sorted(self.entries), "bytes": self.size}
+
+
+def finish_export(tmp: str, out_dir: str, parts: List[Dict[str, Any]], meta: CheckpointMetadata,
+                  dtype: Optional[str], assets_dir: Optional[str]) -> List[str]:
+    """Turn the parts written into ``tmp`` (by :func:`export_stage_parts` on every stage) into an HF directory:
+    shard names and index, ``config.json``, the assets of ``assets_dir`` listed in ``meta.assets``, the
+    manifest; then rename ``tmp`` to ``out_dir`` (replacing it). Returns the safetensors file names."""
+    dtype_t = parse_dtype(dtype or meta.source_dtype or meta.dtype)
+    parts = sorted(parts, key=lambda p: p["file"])  # stageSSS-partNNNNN: stage order, then part order
+    files = _name_shards(tmp, parts)
+    config = dict(meta.hf_config)
+    if not config.get("architectures"):  # a config built in code (a trainer's tiny model) names none
+        config["architectures"] = [family_by_name(meta.family).architectures[0]]
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = _TORCH_DTYPE_NAMES[dtype_t]
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    for name in meta.assets:
+        if os.path.exists(os.path.join(tmp, name)):
+            raise ConversionError(f"asset {name!r} of {assets_dir!r} would replace the exported {name}")
+        copy_asset(assets_dir, name, tmp)
+    write_manifest(tmp)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.rename(tmp, out_dir)
+    return files
 
 
 def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, dtype: Optional[str] = None, tp: int = 1,
@@ -138,7 +213,7 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, dtype: Optional[s
     if os.path.exists(out_dir) and not overwrite:
         raise ConversionError(f"output {out_dir!r} already exists (use --overwrite to replace it)")
     try:
-        dtype_t = parse_dtype(dtype or meta.source_dtype or meta.dtype)
+        parse_dtype(dtype or meta.source_dtype or meta.dtype)
     except ValueError as exc:
         raise ConversionError(f"{megatron_dir!r}: {exc}") from exc
     check_manifest(megatron_dir, checksums=verify)
@@ -155,24 +230,8 @@ def convert_megatron_to_hf(megatron_dir: str, out_dir: str, *, dtype: Optional[s
         results = run_on_layout(_export_rank, tp=tp, pp=pp,
                                 args=(os.path.abspath(megatron_dir), tmp, dtype, parse_size(max_shard_size)),
                                 timeout=timeout, in_process=in_process)
-        parts = [p for rank_parts in results for p in rank_parts]  # rank order = stage order at TP rank 0
-        files = _name_shards(tmp, parts)
-        config = dict(meta.hf_config)
-        if not config.get("architectures"):  # a config built in code (a trainer's tiny model) names none
-            config["architectures"] = [family_by_name(meta.family).architectures[0]]
-        for key in ("dtype", "torch_dtype"):
-            if key in config or key == "dtype":
-                config[key] = _TORCH_DTYPE_NAMES[dtype_t]
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
-        for name in meta.assets:
-            if os.path.exists(os.path.join(tmp, name)):
-                raise ConversionError(f"asset {name!r} of {megatron_dir!r} would replace the exported {name}")
-            copy_asset(assets, name, tmp)
-        write_manifest(tmp)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(tmp, out_dir)
+        parts = [p for rank_parts in results for p in rank_parts]
+        files = finish_export(tmp, out_dir, parts, meta, dtype, assets)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

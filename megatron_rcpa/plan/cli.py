@@ -108,6 +108,10 @@ def _model_source(cfg, hf_config_path: Optional[str]):
     from megatron_rcpa.convert.families import family_for_config
 
     family = cfg.model.family
+    from megatron_rcpa.train.hf_checkpoint import is_hf_dir
+
+    if not hf_config_path and is_hf_dir(cfg.model.checkpoint):  # an HF model.checkpoint: its config.json
+        hf_config_path = cfg.model.checkpoint
     if hf_config_path:
         from megatron_rcpa.plan.shapes import load_hf_config_json
 
@@ -131,6 +135,17 @@ def _model_source(cfg, hf_config_path: Optional[str]):
         _, hf = build_tokenizer_and_config(cfg)
         return family, hf, None, "model.tiny"
     raise ValueError("no model shape: pass --hf-config path/to/config.json, or set model.checkpoint or model.tiny")
+
+
+def plan_dtype(model, hf_config: Any) -> str:
+    """``model.dtype``, with ``auto`` resolved as the trainer resolves it: a megatron ``model.checkpoint``'s
+    stored dtype, else the HF config's ``dtype`` / ``torch_dtype`` (``--hf-config``, an HF model.checkpoint),
+    else fp32 (``model.tiny``)."""
+    from megatron_rcpa.train.hf_checkpoint import dtype_of_hf_config, is_hf_dir, resolve_dtype
+
+    if model.dtype != "auto" or model.tiny or (model.checkpoint and not is_hf_dir(model.checkpoint)):
+        return resolve_dtype(model)
+    return dtype_of_hf_config(hf_config if isinstance(hf_config, dict) else hf_config.to_dict())
 
 
 def _engine_max_rows() -> int:
@@ -197,7 +212,7 @@ def plan_from_config(cfg, values: Dict[str, Any], *, hf_config: Optional[str] = 
     rollout_rows = min(chunk, rows_per_rank)
     mem = gpu_mem_gb * GiB if gpu_mem_gb else GPUS[gpu]
     inp = PlanInputs(
-        shape=shape, tp=tp, pp=pp, dp=dp, dtype=cfg.model.dtype,
+        shape=shape, tp=tp, pp=pp, dp=dp, dtype=plan_dtype(cfg.model, hf),
         distributed_optimizer=cfg.parallel.distributed_optimizer,
         sequence_parallel=bool(values["parallel.sequence_parallel"]),
         recompute_granularity=values["model.recompute_granularity"], recompute_method=values["model.recompute_method"],

@@ -50,6 +50,8 @@ class RunConfig:
     stop_file: str = "SAVE_AND_EXIT"  # relative to output_dir unless absolute; "" = off; removed after the save
     save_by_seconds: Optional[float] = None  # wall-clock budget from process start: save and stop before it ends
     keep_last: int = 0  # keep the N newest complete checkpoints; 0 = all
+    export_hf: bool = False  # at the end of training write <output_dir>/hf_export/ (HF directory of the final policy)
+    export_max_shard_size: str = "5GB"  # largest safetensors file of the export (transformers' max_shard_size)
 
     def __post_init__(self) -> None:
         o = "run"
@@ -60,6 +62,16 @@ class RunConfig:
         check_int(o, "save_interval", self.save_interval, 0)
         check_int(o, "seed", self.seed, 0)
         check_int(o, "keep_last", self.keep_last, 0)
+        if not isinstance(self.export_hf, bool):
+            fail(o, "export_hf", self.export_hf, "true or false")
+        from megatron_rcpa.convert.errors import ConversionError
+        from megatron_rcpa.convert.megatron_to_hf import parse_size
+
+        try:
+            if parse_size(self.export_max_shard_size) < 1:
+                raise ConversionError("zero")
+        except ConversionError:
+            fail(o, "export_max_shard_size", self.export_max_shard_size, "a size such as 5GB, 500MB, 50KB (> 0)")
         check_choice(o, "kernels", self.kernels, ("auto", "triton", "torch"))
         check_choice(o, "mode", self.mode, ("rcpa", "sft"))
         check_int(o, "val_interval", self.val_interval, 0)
@@ -85,7 +97,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     family: str = "qwen2_5_vl"  # a registered family (models/families): qwen2_5_vl | llava | llama | qwen2
-    checkpoint: Optional[str] = None  # a converted megatron checkpoint (tools/convert_hf_to_megatron.py)
+    checkpoint: Optional[str] = None  # a megatron checkpoint, or an HF directory (converted once into output_dir)
     tiny: bool = False  # build a tiny random model from the family's tiny config (demos, tests)
     attention: str = "sdpa"  # core attention: sdpa (torch's fused kernels; GQA without copies) | megatron (unfused)
     vision_recompute: bool = False  # gradient checkpointing of the HF vision tower's blocks (Qwen2.5-VL)
@@ -93,7 +105,7 @@ class ModelConfig:
     freeze_projector: bool = False  # VLMs: freeze the vision-to-language projector (Qwen2.5-VL: the merger) too
     tiny_hidden_size: int = 64  # text families' tiny model: width (MLP 2x, 4 heads, 2 KV heads)
     tiny_num_layers: int = 2  # text families' tiny model: decoder layers
-    dtype: str = "fp32"  # fp32 | bf16
+    dtype: str = "auto"  # auto (the checkpoint's stored dtype; fp32 for model.tiny) | fp32 | bf16
     reference_checkpoint: Optional[str] = None  # frozen reference; default = the initial policy
     # activation recomputation of the decoder (megatron TransformerConfig; megatron_rcpa.plan.recompute_overrides)
     recompute_granularity: Optional[str] = None  # None (off) | full (whole layers) | selective (core attention)
@@ -103,7 +115,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         check_choice("model", "family", self.family, tuple(model_families.names()))
         check_choice("model", "attention", self.attention, ("sdpa", "megatron"))
-        check_choice("model", "dtype", self.dtype, ("fp32", "bf16"))
+        check_choice("model", "dtype", self.dtype, ("auto", "fp32", "bf16"))
         if self.tiny and self.checkpoint:
             raise ValueError(f"model.tiny = true and model.checkpoint = {self.checkpoint!r} exclude each other: "
                              "set model.tiny=false to train the checkpoint, or drop model.checkpoint for the tiny "

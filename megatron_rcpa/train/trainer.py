@@ -66,7 +66,9 @@ def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: boo
 
     if "transformer_layer_spec" not in build_kwargs:  # (the profiler's FP8 run brings TE's spec)
         build_kwargs = {**policy_attention_kwargs(cfg.model.family, cfg.model.attention), **build_kwargs}
-    dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+    from megatron_rcpa.train.hf_checkpoint import resolve_dtype
+
+    dtype = torch.bfloat16 if resolve_dtype(cfg.model) == "bf16" else torch.float32
     # the memory knobs (recompute, sequence parallel, uneven stages); a caller's config_overrides win
     build_kwargs["config_overrides"] = {**transformer_overrides(cfg), **(build_kwargs.get("config_overrides") or {})}
     if cfg.model.tiny:
@@ -185,6 +187,10 @@ def build_step_context(cfg: TrainConfig, groups, tok, hf_config, family, *, stop
     from megatron_rcpa.models.policy_base import trainer_forward  # one forward for every family
 
     check_batch_layout(cfg, groups.dp_size)
+    if cfg.model.dtype == "auto":  # (the Trainer resolves it first; a direct caller gets the same rule)
+        from megatron_rcpa.train.hf_checkpoint import resolve_dtype
+
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype=resolve_dtype(cfg.model)))
     policy = build_policy(cfg, hf_config, **(policy_kwargs or {}))
     freeze_groups(policy, cfg)
     if cfg.model.vision_recompute:
@@ -230,8 +236,12 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         from megatron_rcpa.data.sampler import PromptSampler
         from megatron_rcpa.rewards import get_reward
+        from megatron_rcpa.train.hf_checkpoint import prepare_checkpoints
         from megatron_rcpa.train.step import resolve_groups
 
+        # an HF model.checkpoint: converted once by global rank 0 into output_dir/converted/ (before megatron's
+        # parallel state exists); model.dtype = auto resolved to the checkpoint's dtype
+        cfg = prepare_checkpoints(cfg)
         self.cfg = cfg
         init_parallel(cfg)
         self.groups = resolve_groups()
@@ -493,10 +503,29 @@ class Trainer:
             if self.step == cfg.run.steps and saved_step != self.step:
                 self._timed_save(stop)
                 stop.clear_stop_file()  # a request that came with the last step is served by the final save
+            if self.step == cfg.run.steps and cfg.run.export_hf:
+                self.export_hf()
         finally:
             stop.uninstall()
             self.logger.close()
         return history
+
+    def export_hf(self) -> str:
+        """``run.export_hf``: the final policy as an HF directory ``<output_dir>/hf_export`` (collective; the
+        policy in memory is the final checkpoint's ``policy/``, whose metadata and tokenizer files it takes)."""
+        from megatron_rcpa.convert.checkpoint import ASSETS_DIR, read_metadata
+        from megatron_rcpa.train.hf_checkpoint import EXPORT_DIR, export_policy
+
+        policy_dir = os.path.join(self.checkpoint_dir(self.step), "policy")
+        out = os.path.join(self.cfg.run.output_dir, EXPORT_DIR)
+        t0 = time.perf_counter()
+        meta = read_metadata(policy_dir)
+        files = export_policy(self.model.module, meta, out, assets_dir=os.path.join(policy_dir, ASSETS_DIR),
+                              max_shard_size=self.cfg.run.export_max_shard_size, dp_rank=self.dp_rank)
+        if files is not None:
+            self.logger.info(f"exported the step-{self.step} policy to {out} ({len(files)} safetensors file(s), "
+                             f"{time.perf_counter() - t0:.1f} s)")
+        return out
 
     def _on_skipped_update(self, m: Dict[str, float]) -> None:
         n, limit = self.optimizer.consecutive_skips, self.cfg.optim.max_skipped_updates

@@ -18,7 +18,8 @@ def test_yaml_plus_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["run.stepz=3"], "x.yaml.run: unknown key 'stepz'; known keys: cpu_threads, keep_last, kernels, log_interval"),
+    (["run.stepz=3"], "x.yaml.run: unknown key 'stepz'; known keys: cpu_threads, export_hf, "
+                      "export_max_shard_size, keep_last, kernels, log_interval"),
     (["rcpa.curriculum.rho_max=2"], "x.yaml.rcpa.curriculum: CurriculumConfig.rho_max = 2 is out of range"),
     (["parallel.tp=0"], "x.yaml.parallel: parallel.tp = 0 is out of range: expected an integer >= 1"),
     (["run=3"], "x.yaml.run: expected a mapping, got int 3"),
