@@ -318,6 +318,9 @@ def run_distributed(
             del store
 
 
+_DEATH_GRACE_S = 3.0
+
+
 def _collect(procs, results_q, deadline: float, timeout: float, stack_dir: str,
              world_size: int) -> Dict[int, bytes]:
     """Wait for one report per rank; raise as soon as one fails, a worker dies or the deadline passes."""
@@ -347,6 +350,16 @@ def _collect(procs, results_q, deadline: float, timeout: float, stack_dir: str,
         if silent_deaths():
             drain(0.5)  # a report written just before exiting may still be in the pipe
         dead = silent_deaths()
+        if errors and not dead:
+            # a peer's error (e.g. "connection reset") can arrive before a silently dead rank's exit status is
+            # visible: give the others a moment to show theirs, so the root cause is reported first
+            grace = time.monotonic() + _DEATH_GRACE_S
+            while time.monotonic() < grace:
+                drain(0.05)  # (reports still in the pipe come in meanwhile)
+                if any(procs[r].exitcode not in (None, 0) for r in silent_deaths()):
+                    break
+            drain(0.2)
+            dead = silent_deaths()
         if errors or dead:
             # A rank that died without a word comes first (its peers then fail on closed connections);
             # otherwise the first to report: the others usually fail because of it.
