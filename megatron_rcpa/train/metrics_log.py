@@ -204,12 +204,9 @@ def truncate_metrics(path: str, step: int) -> int:
         else:
             dropped += 1
     if dropped:
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(keep)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        from megatron_rcpa.train.checkpointing import write_file_durably
+
+        write_file_durably(path, "".join(keep))
     return dropped
 
 

@@ -24,6 +24,7 @@ from megatron_rcpa.convert.safe_metadata import (
     load_metadata_file,
     restricted_metadata,
 )
+from megatron_rcpa.testing.hostile import RunsCommand as _RunsCommand
 
 
 @pytest.fixture(autouse=True)
@@ -32,14 +33,6 @@ def _keep_environment(monkeypatch):
     monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", "default"))
 
 
-class _RunsCommand:
-    """A pickle whose loading runs a shell command (here: creates a marker file)."""
-
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
 
 
 class _Eval:

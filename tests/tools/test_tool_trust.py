@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from megatron_rcpa.convert.manifest import MANIFEST_FILE, check_manifest, write_manifest
+from megatron_rcpa.testing.hostile import RunsCommand as _RunsCommand
 from megatron_rcpa.testing.tools import TOOLS, run_tool
 
 
@@ -26,12 +27,6 @@ def _keep_environment(monkeypatch):
     monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", "default"))
 
 
-class _RunsCommand:
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return os.system, (self.command,)
 
 
 def _error_line(err):

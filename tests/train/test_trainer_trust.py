@@ -11,15 +11,9 @@ import sys
 
 import pytest
 
+from megatron_rcpa.testing.hostile import RunsCommand
+
 pytestmark = [pytest.mark.megatron]
-
-
-class _Plant:
-    def __init__(self, marker: str) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
 
 
 def _cmd(out: str, steps: int):
@@ -38,7 +32,7 @@ def test_resume_refuses_a_planted_pickle(tmp_path, part):
     target = os.path.join(out, "checkpoints", "step_0000001", part, ".metadata")
     assert os.path.isfile(target)
     with open(target, "wb") as f:
-        pickle.dump(_Plant(str(marker)), f)
+        pickle.dump(RunsCommand(f"touch {marker}"), f)
     proc = subprocess.run(_cmd(out, 2), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("rcpa-train: error:")]
