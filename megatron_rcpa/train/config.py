@@ -345,7 +345,8 @@ def parse_overrides(overrides: Sequence[str]) -> dict:
 def merge_trees(base: dict, top: dict) -> dict:
     out = dict(base)
     for k, v in top.items():
-        out[k] = merge_trees(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        # a mapping merges into a mapping; an empty one ({}) replaces it (how `reward.kwargs={}` clears a base's)
+        out[k] = merge_trees(out[k], v) if isinstance(v, dict) and v and isinstance(out.get(k), dict) else v
     return out
 
 

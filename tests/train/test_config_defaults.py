@@ -50,3 +50,8 @@ def test_global_batch_must_split_over_data_parallel():
                              "optim.micro_batch_size=2", "optim.updates_per_step=3"])
     with pytest.raises(ValueError, match="optim.updates_per_step = 3 must divide the 4 micro-batches"):
         check_runnable(cfg, world_size=1)
+
+
+def test_an_empty_mapping_override_clears_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("reward: {name: composite, kwargs: {rewards: [{reward: format}]}}\n")
+    assert load_config(str(tmp_path / "a.yaml"), ["reward.name=math_answer", "reward.kwargs={}"]).reward.kwargs == {}
