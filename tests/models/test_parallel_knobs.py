@@ -105,6 +105,8 @@ def test_trainer_passes_the_knobs_to_the_builder(monkeypatch):
     seen = {}
 
     class Fake:
+        megatron_vision = False
+
         def build_policy(self, hf_config, **kwargs):
             seen.update(kwargs)
             return "policy"
@@ -114,10 +116,11 @@ def test_trainer_passes_the_knobs_to_the_builder(monkeypatch):
 
     monkeypatch.setattr(families, "get", lambda name: Fake())
     cfg = _cfg(model_recompute_granularity="selective", parallel_sequence_parallel=True)
-    cfg.model.tiny, cfg.model.dtype, cfg.model.family = True, "fp32", "llama"
+    cfg.model.tiny, cfg.model.dtype, cfg.model.family, cfg.model.attention = True, "fp32", "llama", "sdpa"
     cfg.run = types.SimpleNamespace(seed=0)
     trainer.build_policy(cfg, None)
     assert seen["config_overrides"] == {"recompute_granularity": "selective", "sequence_parallel": True}
+    assert seen["transformer_layer_spec"] == "sdpa"  # the core attention on the policies' own block spec
     trainer.build_policy(cfg, None, config_overrides={"sequence_parallel": False})
     assert seen["config_overrides"] == {"recompute_granularity": "selective", "sequence_parallel": False}
 
