@@ -221,14 +221,14 @@ def _tool_main(name):
 
 @pytest.mark.megatron
 def test_disk_full_and_permission_denied_in_the_tools(ckpt, hf_dir, tmp_path, monkeypatch, capsys):
-    import safetensors.torch
+    from megatron_rcpa.convert import megatron_to_hf
 
     out = tmp_path / "out"
 
-    def full(tensors, filename, metadata=None):
-        raise OSError(errno.ENOSPC, "No space left on device", filename)
+    def full(self, name, tensor):  # the export's writer streams each tensor to its part file: the disk fills up
+        raise OSError(errno.ENOSPC, "No space left on device", self.data_path)
 
-    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    monkeypatch.setattr(megatron_to_hf._PartWriter, "add", full)
     assert _tool_main("convert_megatron_to_hf.py")(["--megatron-dir", str(ckpt), "--out", str(out)]) == 2
     line = _error_line(capsys.readouterr().err)
     assert line.startswith(f"error: no space left on device ({out}.incomplete/stage000-part00000.safetensors")
