@@ -9,7 +9,7 @@ the target is a forced prefix token (the imitation set C) and ``gen_mask`` where
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import torch
 
@@ -59,6 +59,18 @@ class RolloutBatch:
     def select(self, rows: torch.Tensor | Sequence[int]) -> RolloutBatch:
         rows = torch.as_tensor(rows, dtype=torch.long)
         return RolloutBatch(**{k: v[rows] for k, v in self.__dict__.items()})
+
+
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Token rows left-padded to one width, so every row's next token lands in the same column (decoding):
+    ``(tokens [B, S] int64, mask [B, S] int64)`` with mask 1 on real tokens."""
+    b, width = len(seqs), max(len(s) for s in seqs)
+    tokens = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for r, s in enumerate(seqs):
+        tokens[r, width - len(s):] = torch.tensor(list(s), dtype=torch.long)
+        mask[r, width - len(s):] = 1
+    return tokens, mask
 
 
 def pack_rollouts(rollouts: Sequence[Rollout], advantages: Sequence[float], pad_id: int,

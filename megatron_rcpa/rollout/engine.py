@@ -21,7 +21,7 @@ from typing import Hashable, List, Optional, Sequence
 
 import torch
 
-from .batch import Rollout
+from .batch import Rollout, left_pad
 from .sampling import StopChecker, sample_next_tokens
 
 
@@ -140,13 +140,8 @@ class RolloutEngine:
 
             with sequence_parallel_off(self.policy):  # decoding runs without it (parallel.sequence_parallel)
                 return static_generate_rows(self, prompts, rows, gen, device)
-        seqs = [prompts[i].prompt_ids + prefix for i, prefix in rows]
-        b, width = len(seqs), max(len(s) for s in seqs)
-        tokens = torch.full((b, width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((b, width), dtype=torch.long)
-        for r, s in enumerate(seqs):  # left padding: every row's next token lands in the same column
-            tokens[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-            mask[r, width - len(s):] = 1
+        tokens, mask = left_pad([prompts[i].prompt_ids + prefix for i, prefix in rows], self.pad_id)
+        b, width = tokens.shape
         pv = [prompts[i].pixel_values for i, _ in rows if prompts[i].pixel_values is not None]
         grids = [prompts[i].image_grid_thw for i, _ in rows if prompts[i].image_grid_thw is not None]
         inputs = dict(input_ids=tokens.to(device), attention_mask=mask.to(device))

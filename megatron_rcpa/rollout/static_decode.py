@@ -677,15 +677,9 @@ def static_generate_rows(engine, prompts, rows, gen, device) -> list:
     images in row order), same ``List[Rollout]``; uses ``engine.tp_group`` when set, else megatron's TP group."""
     from megatron.core import parallel_state as ps
 
-    from .batch import Rollout
+    from .batch import Rollout, left_pad
 
-    seqs = [prompts[i].prompt_ids + prefix for i, prefix in rows]
-    b, width = len(seqs), max(len(s) for s in seqs)
-    tokens = torch.full((b, width), engine.pad_id, dtype=torch.long)
-    mask = torch.zeros((b, width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        tokens[r, width - len(s):] = torch.tensor(s, dtype=torch.long)
-        mask[r, width - len(s):] = 1
+    tokens, mask = left_pad([prompts[i].prompt_ids + prefix for i, prefix in rows], engine.pad_id)
     # each prompt's images once (its G rows share the encoded features)
     order = list(dict.fromkeys(i for i, _ in rows))
     image_rows = [order.index(i) for i, _ in rows]

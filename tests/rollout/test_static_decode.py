@@ -206,13 +206,10 @@ def family_checks(family, tp_group=None):
     out["teacher_forced_err"] = worst
 
     # 4. greedy == greedy_generate (left padding, images)
+    from megatron_rcpa.rollout.batch import left_pad
+
     seqs = [p.prompt_ids for p in prompts]
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = torch.tensor(s)
-        mask[r, width - len(s):] = 1
+    ids, mask = left_pad(seqs, 0)
     kw = {}
     if prompts[0].pixel_values is not None:
         kw["pixel_values"] = torch.cat([p.pixel_values for p in prompts])
@@ -246,13 +243,11 @@ def mrope_worker():
 
     policy = _build("qwen2_5_vl")
     prompts = _prompts("qwen2_5_vl", policy)
+    from megatron_rcpa.rollout.batch import left_pad
+
     seqs = [p.prompt_ids for p in prompts]
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, s in enumerate(seqs):
-        ids[r, width - len(s):] = torch.tensor(s)
-        mask[r, width - len(s):] = 1
+    ids, mask = left_pad(seqs, 0)
+    width = ids.shape[1]
     grid = torch.cat([p.image_grid_thw for p in prompts])
     pv = torch.cat([p.pixel_values for p in prompts])
     # the reference path's positions: prefill, then 4 decode steps through the policy's own cache bookkeeping
