@@ -62,7 +62,8 @@ With ``vocab_parallel_sampling=True`` (top-p = 1) the TP ranks sample from their
 (:mod:`.vocab_parallel_sampling`: the same exponential draws as ``multinomial``, Gumbel-max per shard, three
 [B]-sized collectives) instead of gathering ``[B, V]`` logits every step.
 
-Not covered here: pipeline parallelism (PP > 1 raises), sequence parallelism, refilling finished rows.
+Not covered here: pipeline parallelism (PP > 1 raises here; :mod:`.static_pipeline` runs the same
+:class:`StaticDecoder` layers per stage with micro-batches), sequence parallelism, refilling finished rows.
 """
 
 from __future__ import annotations
@@ -104,7 +105,9 @@ def _apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 class StaticDecoder:
-    """The decode machinery for one policy (one pipeline stage holding the whole model) and TP group.
+    """The decode machinery for one policy and TP group: the whole model (PP = 1), or with ``pipeline_stage``
+    one pipeline stage of it (its local layers; the embedding on the first stage, the final norm and output
+    layer on the last), driven by :mod:`.static_pipeline`.
 
     Holds no weight copies: every call reads the policy's modules. Holds the CUDA graphs (keyed by batch
     size, cache length and the weights' storage addresses, so an optimizer that rebinds ``param.data``

@@ -129,14 +129,28 @@ def pp_worker(families, decodes):
         policy = _build(family)
         prompts = _prompts(family, policy)
         res = {}
+        seen, current = {}, [None]  # image inputs the vision tower (first stage) encoded, per decode path
+
+        def count(_module, args, seen=seen, current=current):
+            seen[current[0]] = seen.get(current[0], 0) + args[0].shape[0]
+
+        hook = None
+        if getattr(policy, "vision_model", None) is not None:
+            hook = policy.vision_model.register_forward_pre_hook(count)
         for name, stop, kw, banned, max_rows, every, ks, step in _settings(family):
             for decode in decodes:
+                current[0] = (name, decode)
                 eng = _engine(policy, decode, stop=stop, params=SamplingParams(**kw), banned=banned,
                               max_rows=max_rows, every=every)
                 res[(name, decode)] = _rows(eng.generate(prompts, ks, group_size=2, step=step))
-        # one micro-batch, and vocab-parallel sampling, on the EOS setting
-        name, stop, kw, banned, max_rows, every, ks, step = _settings(family)[0]
-        for key, extra in (("micro1", dict(micro=1)), ("vocab_parallel", dict(vocab_parallel=True))):
+        if hook is not None:
+            hook.remove()
+        res["vision_inputs"] = seen
+        # one micro-batch and vocab-parallel sampling on the EOS setting (chunks of 2 rows); 4 uneven micro-batches
+        # (2, 2, 1, 1 rows) on the every-token-check setting (one chunk of 6 rows)
+        for key, setting, extra in (("micro1", 0, dict(micro=1)), ("vocab_parallel", 0, dict(vocab_parallel=True)),
+                                    ("micro4", 2, dict(micro=4))):
+            name, stop, kw, banned, max_rows, every, ks, step = _settings(family)[setting]
             eng = _engine(policy, "static", stop=stop, params=SamplingParams(**kw), banned=banned, max_rows=max_rows,
                           every=every, **extra)
             res[key] = _rows(eng.generate(prompts, ks, group_size=2, step=step))
@@ -211,5 +225,50 @@ def test_pp2_static_decode_matches_reference_and_pp1(runs, family):
     for pid, prefix, *_ in eos:  # forced prefixes verbatim
         assert prefix == res["references"][pid][: [0, 3, 6][pid]]
     _same_rollouts(eos, res["micro1"])  # one micro-batch: the same rollouts
+    _same_rollouts(res[("every1", "static")], res["micro4"])  # 4 uneven micro-batches: the same rollouts
+    if family in ("qwen2_5_vl", "llava"):  # stage 0 encodes each prompt's images once, not once per rollout (G=2)
+        seen = first[family]["vision_inputs"]
+        assert seen[("eos", "reference")] == 2 * seen[("eos", "static")] > 0
     _same_rollouts(eos, res["vocab_parallel"])  # Gumbel-max on the (single) logits shard: the same draws
     assert base["teacher_forced_err"] <= 1e-5
+
+
+def test_tp2pp2_static_decode_matches_reference():
+    """TP2 x PP2 (4 ranks): the pipeline path's rollouts equal the reference loop's on every rank."""
+    from megatron_rcpa.testing.launcher import run_distributed
+
+    families = ("llama", "qwen2_5_vl")  # (the tiny qwen2 has one KV head: TP=2 cannot split it)
+    ranks = run_distributed(pp_worker, world_size=4, tp=2, pp=2, args=(families, ("static", "reference")),
+                            timeout=TIMEOUT)
+    for family in families:
+        last = ranks[-1][family]
+        for name in ("eos", "stop", "every1", "greedy"):
+            _same_rollouts(last[(name, "reference")], last[(name, "static")])
+            assert all(r[family][(name, "static")] == last[(name, "static")] for r in ranks)  # every rank
+        _same_rollouts(last[("eos", "static")], last["micro1"])
+        _same_rollouts(last[("every1", "static")], last["micro4"])
+        _same_rollouts(last[("eos", "static")], last["vocab_parallel"])  # Gumbel-max over the two logits shards
+
+
+def test_bench_pipeline_quick_runs_and_writes_json(tmp_path):
+    """bench/bench_pipeline.py --quick (PP = 2 on a CPU): busy / wall per stage for 1 and 2 micro-batches,
+    the same tokens in both."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.run([sys.executable, os.path.join(root, "bench", "bench_pipeline.py"), "--quick", "--batch", "4",
+                           "--prompt", "8", "--steps", "6", "--repeats", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (name,) = [n for n in os.listdir(tmp_path) if n.startswith("bench_pipeline_")]
+    with open(tmp_path / name) as f:
+        data = json.load(f)
+    assert data["tokens_equal"] is True
+    assert [r["microbatches"] for r in data["results"]] == [1, 2]
+    for r in data["results"]:
+        assert [s["stage"] for s in r["stages"]] == [0, 1]
+        for s in r["stages"]:
+            assert 0 < s["busy_s"] <= s["wall_s"] and abs(s["bubble"] + s["busy_fraction"] - 1) < 1e-9
