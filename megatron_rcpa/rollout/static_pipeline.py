@@ -309,18 +309,29 @@ class _Pipeline:
         self.every = every
         wall = time.perf_counter()
         start = self._tick()
-        cos, sin, next_pos = dec._prefill_positions(input_ids, attention_mask, position_grids, self.table)
-        emb = None
-        if dec.first:
-            emb, _ = dec._prefill_input(input_ids, pixel_values, image_grid_thw, image_rows)  # [B, W, H]
+        failed = None
+        try:  # whatever one stage refuses, all stages refuse before any message is sent (no stage left waiting)
+            cos, sin, next_pos = dec._prefill_positions(input_ids, attention_mask, position_grids, self.table)
+            emb = None
+            if dec.first:
+                emb, _ = dec._prefill_input(input_ids, pixel_values, image_grid_thw, image_rows)  # [B, W, H]
+            shard = (0, int(sampler_kw["vocab_size"]), None) if vocab_parallel else None  # checks only
+            if dec.last and vocab_parallel:
+                width = dec._output_weight().shape[0]
+                shard = ((0 if dec.tp_group is None else dist.get_rank(dec.tp_group)) * width, width, dec.tp_group)
+            base = _Sampler(batch=self.batch, device=self.device, shard=shard, **sampler_kw)  # checks the settings
+        except Exception as exc:  # noqa: BLE001 - re-raised below, after the other stages heard of it
+            failed = exc
+        verdict = torch.tensor([0 if failed is None else 1], dtype=torch.long, device=self.device)
+        dist.all_reduce(verdict, op=dist.ReduceOp.MAX, group=g.pp_group)
+        if failed is not None:
+            raise failed
+        if int(verdict):
+            raise RuntimeError(f"pipeline_generate: another pipeline stage refused this chunk (its error is in its "
+                               f"own log); stage {g.pp_rank} stops too")
         self.busy += self._tick() - start
         self.sampler = self.rec = None
         if dec.last:
-            shard = None
-            if vocab_parallel:
-                width = dec._output_weight().shape[0]
-                shard = ((0 if dec.tp_group is None else dist.get_rank(dec.tp_group)) * width, width, dec.tp_group)
-            base = _Sampler(batch=self.batch, device=self.device, shard=shard, **sampler_kw)
             self.sampler = _StageSampler(base, self.batch, self.device)
             self.rec = _Record(self.batch, self.max_new, self.device)
             self.gen = base.generator

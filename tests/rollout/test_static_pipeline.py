@@ -160,8 +160,28 @@ def pp_worker(families, decodes):
                           banned=STRUCTURAL.get(family, []), max_rows=6)
             res[("greedy", decode)] = _rows(eng.generate(prompts, [0, 0, 0], group_size=2, step=0))
         res["references"] = [p.reference_ids for p in prompts]
+        if family == "llava":
+            res["refusal"] = _refusal(policy, prompts)
         out[family] = res
     return out
+
+
+def _refusal(policy, prompts):
+    """Images that do not fit the prompt: only the first stage can tell; every stage must raise, none hang."""
+    from megatron_rcpa.rollout.batch import left_pad
+    from megatron_rcpa.rollout.static_pipeline import pipeline_generate
+    from megatron_rcpa.runtime.parallel import ParallelGroups
+
+    groups = ParallelGroups.from_parallel_state()
+    if groups.pp_size == 1:
+        return None
+    ids, mask = left_pad([prompts[0].prompt_ids], 0)
+    try:
+        pipeline_generate(policy, ids, mask, groups=groups, pixel_values=torch.cat([prompts[0].pixel_values] * 2),
+                          max_new_tokens=3, pad_id=0, vocab_size=policy.vocab_size)
+    except Exception as exc:  # noqa: BLE001 - returned to the test
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
 
 
 def pp1_worker(families, pp2_rows):
@@ -226,6 +246,9 @@ def test_pp2_static_decode_matches_reference_and_pp1(runs, family):
         assert prefix == res["references"][pid][: [0, 3, 6][pid]]
     _same_rollouts(eos, res["micro1"])  # one micro-batch: the same rollouts
     _same_rollouts(res[("every1", "static")], res["micro4"])  # 4 uneven micro-batches: the same rollouts
+    if family == "llava":  # images that do not fit the prompt: stage 0 says why, stage 1 stops too (no hang)
+        assert first[family]["refusal"].startswith("ValueError") and "image" in first[family]["refusal"]
+        assert "another pipeline stage refused" in last[family]["refusal"]
     if family in ("qwen2_5_vl", "llava"):  # stage 0 encodes each prompt's images once, not once per rollout (G=2)
         seen = first[family]["vision_inputs"]
         assert seen[("eos", "reference")] == 2 * seen[("eos", "static")] > 0
