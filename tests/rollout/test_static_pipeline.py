@@ -159,6 +159,9 @@ def pp_worker(families, decodes):
                                                                                     greedy=True),
                           banned=STRUCTURAL.get(family, []), max_rows=6)
             res[("greedy", decode)] = _rows(eng.generate(prompts, [0, 0, 0], group_size=2, step=0))
+            eng = _engine(policy, decode, stop=StopChecker(EOS), params=SamplingParams(max_new_tokens=1),
+                          banned=STRUCTURAL.get(family, []), max_rows=6, every=1)
+            res[("one_token", decode)] = _rows(eng.generate(prompts, [1, 0, 0], group_size=2, step=4))
         res["references"] = [p.reference_ids for p in prompts]
         if family == "llava":
             res["refusal"] = _refusal(policy, prompts)
@@ -232,7 +235,7 @@ def runs():
 def test_pp2_static_decode_matches_reference_and_pp1(runs, family):
     (first, last), pp1 = runs
     res, base = last[family], pp1[family]
-    for name in ("eos", "stop", "every1", "greedy"):
+    for name in ("eos", "stop", "every1", "greedy", "one_token"):
         new = res[(name, "static")]
         _same_rollouts(res[(name, "reference")], new)  # the reference loop at PP = 2
         assert new == first[family][(name, "static")]  # both stages return the same rollouts
@@ -265,7 +268,7 @@ def test_tp2pp2_static_decode_matches_reference():
                             timeout=TIMEOUT)
     for family in families:
         last = ranks[-1][family]
-        for name in ("eos", "stop", "every1", "greedy"):
+        for name in ("eos", "stop", "every1", "greedy", "one_token"):
             _same_rollouts(last[(name, "reference")], last[(name, "static")])
             assert all(r[family][(name, "static")] == last[(name, "static")] for r in ranks)  # every rank
         _same_rollouts(last[("eos", "static")], last["micro1"])
