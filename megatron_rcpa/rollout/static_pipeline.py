@@ -33,7 +33,10 @@ Host syncs: none per token. The last stage checks stop strings and "every row fi
 of that micro-batch to the first stage; only at those items do stages read a flag on the host. By then the first
 stage has already started the next step's first M - 1 micro-batches (speculatively; the others discard them): on
 "stop" it sends a stop marker down the pipeline instead of the next item, and every stage ends after it. At the
-end the last stage broadcasts the tokens, log-probs, lengths and finished flags to the whole pipeline.
+end the last stage broadcasts the tokens, log-probs, lengths and finished flags to the whole pipeline. Finished
+rows are fed ``pad_id`` (the last stage puts it in their token messages) and still computed, as at PP = 1.
+Before the first message every stage checks the chunk (images on the first stage, sampling settings everywhere)
+and the stages agree in one small all-reduce, so a refusal on one stage raises on all of them.
 
 Sampling is identical to PP = 1: the last stage draws a whole step's randomness once, before the step's first
 micro-batch (the ``[B, V]`` exponentials that ``torch.multinomial`` and the vocab-parallel Gumbel-max draw for
@@ -41,8 +44,8 @@ the unsplit batch), and samples each micro-batch from its rows' slice (``argmax 
 ``multinomial`` computes from those draws; top-p, banned tokens, temperature and the returned log-prob as
 :func:`~megatron_rcpa.rollout.sampling.sample_next_tokens`). Same seeds, same tokens; the generator ends in the
 state the PP = 1 path leaves (restored to the last row's end when every row finishes early). Only the last
-stage draws, as in the reference PP loop. On a GPU ``torch.multinomial`` draws differently (PP = 1 then differs
-from this path in its draws, not in the distribution).
+stage draws, as in the reference PP loop. (Checked on a CPU; on a GPU it holds as long as ``torch.multinomial``
+draws one sample through that exponential fast path, as its device-generic code does; not yet run on a GPU.)
 
 Not here yet: CUDA graphs (each stage runs eagerly; a per-stage graph per micro-batch shape would be next),
 sequence parallelism (the engine switches it off for decoding), compaction of finished rows.
