@@ -7,11 +7,14 @@ family with layout-invariant weights (the same global tensors at PP = 1 and PP =
   strings checked every 3 tokens; top-p, temperature, banned tokens; forced prefixes; left padding; three chunks):
   identical tokens / finished flags and log-probs within 1e-5 of the reference at PP = 2, identical tokens to
   the static path at PP = 1, on both stages;
-* 1 micro-batch and vocab-parallel (Gumbel-max) sampling: the same tokens;
-* greedy: the reference's tokens;
+* 1 micro-batch, 4 uneven micro-batches and vocab-parallel (Gumbel-max) sampling: the same tokens;
+* greedy and one-token rollouts: the reference's tokens;
+* the first stage encodes each prompt's images once (not once per rollout); images that do not fit the prompt
+  (only the first stage can tell) make every stage raise instead of leaving the others waiting;
 * rollout log-probs == the teacher-forced recompute of the training forward (at PP = 1) <= 1e-5.
 
-Two spawns: PP = 2 (all families), then PP = 1 (baseline and recompute of the PP = 2 rows).
+Spawns: PP = 2 (all families), then PP = 1 (baseline and recompute of the PP = 2 rows); TP2 x PP2 (two families);
+PP = 4 (a text LM: the middle stages); the bubble benchmark at its quick size.
 """
 
 from __future__ import annotations
@@ -298,3 +301,18 @@ def test_bench_pipeline_quick_runs_and_writes_json(tmp_path):
         assert [s["stage"] for s in r["stages"]] == [0, 1]
         for s in r["stages"]:
             assert 0 < s["busy_s"] <= s["wall_s"] and abs(s["bubble"] + s["busy_fraction"] - 1) < 1e-9
+
+
+def test_pp4_middle_stages_relay():
+    """PP = 4 (one layer a stage): two middle stages relay hidden states and the stop marker; 4 micro-batches by
+    default, 1 and 4 uneven ones too: the reference loop's rollouts on every stage."""
+    from megatron_rcpa.testing.launcher import run_distributed
+
+    ranks = run_distributed(pp_worker, world_size=4, pp=4, args=(("llama",), ("static", "reference")),
+                            timeout=TIMEOUT)
+    last = ranks[-1]["llama"]
+    for name in ("eos", "stop", "every1", "greedy", "one_token"):
+        _same_rollouts(last[(name, "reference")], last[(name, "static")])
+        assert all(r["llama"][(name, "static")] == last[(name, "static")] for r in ranks)
+    _same_rollouts(last[("eos", "static")], last["micro1"])
+    _same_rollouts(last[("every1", "static")], last["micro4"])
