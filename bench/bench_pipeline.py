@@ -6,7 +6,8 @@ output layer and samples) against the wall time of the whole call: ``busy_fracti
 ``bubble`` = 1 - busy_fraction. With 1 micro-batch a stage waits for the others (PP - 1) / PP of the time; with
 PP micro-batches the stages overlap and only the fill / drain, the host checks and load imbalance remain.
 Tokens are sampled with a fixed seed and no EOS (every row decodes ``--steps`` tokens); ``tokens_equal`` says
-that every micro-batch setting produced the same tokens.
+that every micro-batch setting produced the same tokens. ``reference`` is the wall time of the reference loop
+(``RolloutEngine(decode="reference")``: megatron's schedule per token) on the same rows, for comparison.
 
 On CUDA each compute section is bracketed by ``torch.cuda.synchronize`` (timing only), so the busy time is the
 device's. PP ranks need one GPU each (NCCL refuses two ranks on one GPU): on a one-GPU machine run it on the CPU
@@ -64,7 +65,7 @@ def _policy(quick: bool):
     return policy.eval()
 
 
-def worker(quick: bool, batch: int, prompt: int, steps: int, micro_settings, repeats: int):
+def worker(quick: bool, batch: int, prompt: int, steps: int, micro_settings, repeats: int, reference: bool):
     from megatron_rcpa.rollout.static_pipeline import pipeline_generate
     from megatron_rcpa.runtime.parallel import ParallelGroups
 
@@ -87,7 +88,34 @@ def worker(quick: bool, batch: int, prompt: int, steps: int, micro_settings, rep
             if rep and (best is None or timing["wall_s"] < best["wall_s"]):
                 best = timing
         out["runs"][micro] = dict(best, tokens=tokens)
+    if reference:
+        out["reference_wall_s"] = _reference_wall(policy, groups, ids, steps, repeats)
     return out
+
+
+def _reference_wall(policy, groups, ids, steps: int, repeats: int) -> float:
+    """Best wall time of the reference loop (megatron's schedule per token) on the same rows and token count."""
+    import time
+
+    from megatron_rcpa.rollout.engine import PromptInput, RolloutEngine, SamplingParams
+    from megatron_rcpa.rollout.sampling import StopChecker
+
+    vocab = policy.vocab_size
+    engine = RolloutEngine(policy, vocab_size=vocab, pad_id=0, stop=StopChecker(), groups=groups,
+                           params=SamplingParams(max_new_tokens=steps), banned_token_ids=range(vocab - 7, vocab),
+                           max_rows=ids.shape[0], decode="reference")
+    prompts = [PromptInput(key=i, prompt_ids=row) for i, row in enumerate(ids.tolist())]
+    best = None
+    for rep in range(repeats + 1):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        engine.generate(prompts, [0] * len(prompts), group_size=1, step=rep)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if rep:
+            best = min(best or float("inf"), time.perf_counter() - t0)
+    return best
 
 
 def main(argv=None) -> int:
@@ -99,6 +127,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=None, help="new tokens per row (default 32 quick, 128 full)")
     p.add_argument("--microbatches", default=None, help="comma-separated settings (default: 1,PP)")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per setting after a warm-up (best kept)")
+    p.add_argument("--no-reference", action="store_true", help="skip timing the reference loop at the same PP")
     p.add_argument("--out", default=os.environ.get("OUT", os.path.join("bench", "results", "local")))
     args = p.parse_args(argv)
     if args.pp < 2:
@@ -114,7 +143,8 @@ def main(argv=None) -> int:
     from megatron_rcpa.testing.launcher import run_distributed
 
     ranks = run_distributed(worker, world_size=args.pp, pp=args.pp,
-                            args=(args.quick, batch, prompt, steps, micro, args.repeats), timeout=3600)
+                            args=(args.quick, batch, prompt, steps, micro, args.repeats, not args.no_reference),
+                            timeout=3600)
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"cpu ({platform.processor() or 'unknown'})"
     results = []
@@ -132,6 +162,11 @@ def main(argv=None) -> int:
     for r in results:
         print(f"{r['microbatches']:>6} {r['wall_s']:>8.3f} {r['ms_per_token_step']:>8.2f} "
               + " ".join(f"{s['busy_fraction']:>7.2f} {s['bubble']:>8.2f}" for s in r["stages"]))
+    reference = None
+    if not args.no_reference:
+        wall = max(r["reference_wall_s"] for r in ranks)
+        reference = {"wall_s": wall, "ms_per_token_step": wall / steps * 1e3}
+        print(f"reference loop (megatron schedule per token): {wall:.3f} s, {wall / steps * 1e3:.2f} ms/step")
     print(f"tokens_equal={tokens_equal}")
     env = {"device": device, "torch": torch.__version__, "python": platform.python_version(), "quick": args.quick,
            "cpu_count": os.cpu_count(), "loadavg_1min": os.getloadavg()[0],
@@ -142,7 +177,8 @@ def main(argv=None) -> int:
     name = re.sub(r"[^A-Za-z0-9]+", "_", device.split(" (")[0].replace("NVIDIA ", "")).strip("_")
     path = os.path.join(args.out, f"bench_pipeline_{name}.json")
     with open(path, "w") as f:
-        json.dump({"env": env, "tokens_equal": tokens_equal, "results": results}, f, indent=1)
+        json.dump({"env": env, "tokens_equal": tokens_equal, "results": results, "reference": reference}, f,
+                  indent=1)
     print(json.dumps({"json": path}))
     return 0 if tokens_equal else 1
 
