@@ -277,8 +277,9 @@ class _Pipeline:
         self.micro, self.batch, self.width, self.max_new = micro, batch, width, max_new
         self.device, self.dtype = device, dtype
         self.hidden = dec.policy.language_model.config.hidden_size
+        self.length = length
         self.table = dec.rope_table(length, device, dtype)
-        self.caches = [_StageCache(dec, r.stop - r.start, length, device, dtype, self.table) for r in self.rows]
+        self.caches: List[_StageCache] = []
         self.link = _Link(groups)
         self.timing = timing
         self.busy = 0.0
@@ -314,6 +315,8 @@ class _Pipeline:
         start = self._tick()
         failed = None
         try:  # whatever one stage refuses, all stages refuse before any message is sent (no stage left waiting)
+            self.caches = [_StageCache(dec, r.stop - r.start, self.length, self.device, self.dtype, self.table)
+                           for r in self.rows]
             cos, sin, next_pos = dec._prefill_positions(input_ids, attention_mask, position_grids, self.table)
             emb = None
             if dec.first:
@@ -340,10 +343,13 @@ class _Pipeline:
             self.gen = base.generator
             self.stop_check, self.checked, self.after = stop_check, [0] * self.batch, {}
             self.noise = None
+        # the prompt's inputs ([B, W, H] embeddings, MRoPE cos/sin [B, W, 1, d]) are dropped after the prefill
+        self.prompt = dict(emb=emb, cos=cos, sin=sin, next_pos=next_pos, mask=attention_mask)
+        del emb, cos, sin
         if dec.first:
-            self._first(emb, cos, sin, next_pos, attention_mask)
+            self._first()
         else:
-            self._later(cos, sin, next_pos, attention_mask)
+            self._later()
         self.link.close()
         if self.timing is not None:
             self.timing.update(busy_s=self.busy, wall_s=time.perf_counter() - wall, stage=g.pp_rank,
@@ -354,17 +360,21 @@ class _Pipeline:
         r = self.rows[m]
         return cos if cos.shape[0] == 1 else cos[r]
 
-    def _prefill(self, m: int, x, cos, sin, next_pos, attention_mask):
-        r = self.rows[m]
-        return self.dec.prefill_layers(self.caches[m], x, self._rope(cos, m), self._rope(sin, m),
-                                       attention_mask[r], next_pos[r])
+    def _prefill(self, m: int, x):
+        """This stage's layers over micro-batch m's prompt (``x``: its rows' [b, W, H] input)."""
+        r, p = self.rows[m], self.prompt
+        x = self.dec.prefill_layers(self.caches[m], x, self._rope(p["cos"], m), self._rope(p["sin"], m),
+                                    p["mask"][r], p["next_pos"][r])
+        if m == self.micro - 1:
+            self.prompt = None
+        return x
 
     # ----------------------------------------------------------------------------------- first stage
-    def _first(self, emb, cos, sin, next_pos, attention_mask) -> None:
+    def _first(self) -> None:
         link, dec, M, T = self.link, self.dec, self.micro, self.max_new
         for m in range(M):
             t0 = self._tick()
-            x = self._prefill(m, emb[self.rows[m]], cos, sin, next_pos, attention_mask)
+            x = self._prefill(m, self.prompt["emb"][self.rows[m]])
             self.busy += self._tick() - t0
             recv = self._token_buf(0, self._flagged(1, 0)) if (m == M - 1 and T > 1) else None
             link.exchange(x.contiguous(), link.next, recv, link.last)
@@ -385,7 +395,7 @@ class _Pipeline:
                 link.exchange(x.contiguous(), link.next, recv, link.last)
 
     # ------------------------------------------------------------------------------ later stages
-    def _later(self, cos, sin, next_pos, attention_mask) -> None:
+    def _later(self) -> None:
         link, dec, M, T = self.link, self.dec, self.micro, self.max_new
         recv = self._hidden_buf(0, self.width)
         link.exchange(None, None, recv, link.prev)
@@ -402,7 +412,7 @@ class _Pipeline:
                 t0 = self._tick()
                 x = recv[..., : self.hidden] if flagged else recv
                 if t == 0:
-                    x = self._prefill(m, x, cos, sin, next_pos, attention_mask)
+                    x = self._prefill(m, x)
                 else:
                     x = dec.decode_layers(self.caches[m], x)
                 if dec.last:
