@@ -6,8 +6,11 @@ continuations with temperature / top-p until EOS, a stop string or ``max_new_tok
 
 - PP = 1: the policy is called directly (prefill, then one token per step); logits come TP-gathered and
   every TP rank draws the same tokens from a generator seeded by (seed, step, data-parallel rank).
-- PP > 1: each prefill/decode call goes through megatron's schedule (forward only); every stage keeps its
-  own cache; the last stage samples and broadcasts the tokens and their log-probs to the other stages.
+- PP > 1 (``decode="reference"``): each prefill/decode call goes through megatron's schedule (forward only);
+  every stage keeps its own cache; the last stage samples and broadcasts the tokens and their log-probs to the
+  other stages. ``decode="static"`` (the default) decodes with :mod:`.static_decode` at PP = 1 and with
+  :mod:`.static_pipeline` at PP > 1 (rows split into ``pp_microbatches`` micro-batches, default PP, that move
+  through the stages in a pipeline).
 
 The policy interface is ``forward(input_ids, attention_mask=, pixel_values=, image_grid_thw=, kv_cache=)`` of
 :class:`~megatron_rcpa.models.qwen2_5_vl.Qwen2_5_VLPolicy`, :class:`~megatron_rcpa.models.llava.LlavaPolicy`
@@ -46,10 +49,14 @@ class SamplingParams:
 class RolloutEngine:
     def __init__(self, policy, *, vocab_size: int, pad_id: int, stop: StopChecker, params: SamplingParams,
                  seed: int = 0, max_rows: int = 64, banned_token_ids: Sequence[int] = (), groups=None,
-                 decode: str = "static", stop_check_every: int = 8) -> None:
+                 decode: str = "static", stop_check_every: int = 8, pp_microbatches: Optional[int] = None) -> None:
         if decode not in ("static", "reference"):
             raise ValueError(f"RolloutEngine decode = {decode!r}: expected 'static' or 'reference'")
-        self.decode = decode  # static: rollout/static_decode.py (PP = 1); reference: the per-token loop below
+        if pp_microbatches is not None and int(pp_microbatches) < 1:
+            raise ValueError(f"RolloutEngine pp_microbatches = {pp_microbatches!r}: expected None (= PP) or >= 1")
+        # static: rollout/static_decode.py (PP = 1), rollout/static_pipeline.py (PP > 1); reference: the loop below
+        self.decode = decode
+        self.pp_microbatches = None if pp_microbatches is None else int(pp_microbatches)
         self.stop_check_every = int(stop_check_every)
         self.policy = policy
         self._groups = groups  # process groups (megatron_rcpa.runtime.parallel.ParallelGroups); default: megatron's
@@ -133,13 +140,17 @@ class RolloutEngine:
         return self.groups.tp_group if self.groups.tp_size > 1 else None
 
     def _generate_rows(self, prompts, rows, gen, device) -> List[Rollout]:
-        if self.decode == "static" and self.groups.pp_size == 1:
+        if self.decode == "static":
             from megatron_rcpa.models.parallel_knobs import sequence_parallel_off
 
-            from .static_decode import static_generate_rows
-
             with sequence_parallel_off(self.policy):  # decoding runs without it (parallel.sequence_parallel)
-                return static_generate_rows(self, prompts, rows, gen, device)
+                if self.groups.pp_size == 1:
+                    from .static_decode import static_generate_rows
+
+                    return static_generate_rows(self, prompts, rows, gen, device)
+                from .static_pipeline import pipeline_generate_rows
+
+                return pipeline_generate_rows(self, prompts, rows, gen, device)
         tokens, mask = left_pad([prompts[i].prompt_ids + prefix for i, prefix in rows], self.pad_id)
         b, width = tokens.shape
         pv = [prompts[i].pixel_values for i, _ in rows if prompts[i].pixel_values is not None]

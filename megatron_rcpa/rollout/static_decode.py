@@ -62,7 +62,8 @@ With ``vocab_parallel_sampling=True`` (top-p = 1) the TP ranks sample from their
 (:mod:`.vocab_parallel_sampling`: the same exponential draws as ``multinomial``, Gumbel-max per shard, three
 [B]-sized collectives) instead of gathering ``[B, V]`` logits every step.
 
-Not covered here: pipeline parallelism (PP > 1 raises), sequence parallelism, refilling finished rows.
+Not covered here: pipeline parallelism (PP > 1 raises here; :mod:`.static_pipeline` runs the same
+:class:`StaticDecoder` layers per stage with micro-batches), sequence parallelism, refilling finished rows.
 """
 
 from __future__ import annotations
@@ -104,19 +105,24 @@ def _apply_rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 class StaticDecoder:
-    """The decode machinery for one policy (one pipeline stage holding the whole model) and TP group.
+    """The decode machinery for one policy and TP group: the whole model (PP = 1), or with ``pipeline_stage``
+    one pipeline stage of it (its local layers; the embedding on the first stage, the final norm and output
+    layer on the last), driven by :mod:`.static_pipeline`.
 
     Holds no weight copies: every call reads the policy's modules. Holds the CUDA graphs (keyed by batch
     size, cache length and the weights' storage addresses, so an optimizer that rebinds ``param.data``
     triggers a new capture) and the cos/sin tables.
     """
 
-    def __init__(self, policy, tp_group=None) -> None:
+    def __init__(self, policy, tp_group=None, *, pipeline_stage: bool = False) -> None:
         lm = policy.language_model
         cfg = lm.config
-        if not (getattr(policy, "pre_process", True) and getattr(policy, "post_process", True)):
+        self.first = bool(getattr(policy, "pre_process", True))  # embeds (and encodes images)
+        self.last = bool(getattr(policy, "post_process", True))  # final norm, output layer, sampling
+        if not pipeline_stage and not (self.first and self.last):
             raise ValueError("static_generate runs the whole model on one stage (PP=1); this policy is one stage "
-                             f"of a pipeline (pre_process={policy.pre_process}, post_process={policy.post_process})")
+                             f"of a pipeline (pre_process={policy.pre_process}, post_process={policy.post_process}): "
+                             "use megatron_rcpa.rollout.static_pipeline")
         if cfg.sequence_parallel:
             raise ValueError("static_generate: sequence_parallel=True is not supported (the decode path gathers "
                              "nothing along the sequence)")
@@ -143,7 +149,7 @@ class StaticDecoder:
         self.q_per_kv = self.heads // self.groups
         self.head_dim = cfg.kv_channels
         self.scale = cfg.softmax_scale if getattr(cfg, "softmax_scale", None) else self.head_dim ** -0.5
-        self.num_layers = len(lm.decoder.layers)
+        self.num_layers = len(lm.decoder.layers)  # this stage's layers (all of them at PP = 1)
         self._graphs: Dict[tuple, _CapturedStep] = {}
 
     # -------------------------------------------------------------------------------------- weights
@@ -270,9 +276,16 @@ class StaticDecoder:
                 vocab_size: int, image_rows: Optional[Sequence[int]] = None, gather: bool = True) -> torch.Tensor:
         """Fill the cache with the prompt; returns the last position's logits [B, vocab_size] (fp32).
         ``image_rows``: see :func:`static_generate`."""
-        b, w = input_ids.shape
         x, image_grid_thw = self._prefill_input(input_ids, pixel_values, image_grid_thw, image_rows)
         cos, sin, next_pos = self._prefill_positions(input_ids, attention_mask, image_grid_thw, state.table)
+        x = self.prefill_layers(state, x, cos, sin, attention_mask, next_pos)
+        return self._logits(x[:, -1], vocab_size, gather)
+
+    def prefill_layers(self, state, x: torch.Tensor, cos, sin, attention_mask, next_pos) -> torch.Tensor:
+        """This stage's layers over the prompt: [B, W, H] hidden states in and out; fills ``state``'s cache
+        (``k``/``v`` per local layer) and sets its key mask, next slot and next RoPE position. ``cos``/``sin``
+        and ``next_pos`` come from :meth:`_prefill_positions` (every stage computes them itself)."""
+        b, w = attention_mask.shape
         key_ok = attention_mask.to(torch.bool)
         causal = torch.ones(w, w, dtype=torch.bool, device=x.device).tril()
         # a padding query attends to itself too: no fully masked row (NaN); its output is never read
@@ -292,14 +305,20 @@ class StaticDecoder:
         state.valid[:, :w] = key_ok
         state.col.fill_(w)
         state.rope_pos.copy_(next_pos)
-        return self._logits(x[:, -1], vocab_size, gather)
+        return x
 
     # ---------------------------------------------------------------------------------------- decode
     def decode_logits(self, state: _State, vocab_size: int, gather: bool = True) -> torch.Tensor:
         """One token per row (``state.tok_in``) at cache slot ``state.col`` and RoPE position ``state.rope_pos``;
         returns [B, vocab_size] fp32 logits and advances ``col`` / ``rope_pos``. Static shapes throughout."""
         b = state.tok_in.shape[0]
-        x = self._embed_tokens(state.tok_in.view(b, 1))  # [B, 1, H]
+        x = self.decode_layers(state, self._embed_tokens(state.tok_in.view(b, 1)))  # [B, 1, H]
+        return self._logits(x[:, 0], vocab_size, gather)
+
+    def decode_layers(self, state, x: torch.Tensor) -> torch.Tensor:
+        """This stage's layers for one token per row: [B, 1, H] in and out, cache slot ``state.col`` and RoPE
+        position ``state.rope_pos`` (both advanced by one). Static shapes throughout."""
+        b = x.shape[0]
         cos = state.table[0].index_select(0, state.rope_pos).view(b, 1, 1, -1)
         sin = state.table[1].index_select(0, state.rope_pos).view(b, 1, 1, -1)
         slot = state.col.view(b, 1, 1, 1).expand(b, self.groups, 1, self.head_dim)
@@ -317,7 +336,7 @@ class StaticDecoder:
             x = self._mlp(layer, x + self._row_parallel(out, layer.self_attention.linear_proj))
         state.col.add_(1)
         state.rope_pos.add_(1)
-        return self._logits(x[:, 0], vocab_size, gather)
+        return x
 
     def step(self, state: _State, sampler: _Sampler) -> None:
         """Decode step t >= 1: forward the previous tokens, sample, record (all on the device)."""

@@ -25,7 +25,8 @@ __all__ = ["sample_vocab_parallel"]
 
 def sample_vocab_parallel(local: torch.Tensor, *, vocab_start: int, vocab_size: int, temperature: float = 1.0,
                           greedy: bool = False, generator: Optional[torch.Generator] = None,
-                          masked: Optional[torch.Tensor] = None, tp_group=None) -> Tuple[torch.Tensor, torch.Tensor]:
+                          masked: Optional[torch.Tensor] = None, tp_group=None,
+                          noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One token per row from this rank's logits shard.
 
     Args:
@@ -35,6 +36,9 @@ def sample_vocab_parallel(local: torch.Tensor, *, vocab_start: int, vocab_size: 
         temperature / greedy / generator: as in ``sample_next_tokens`` (the generator must be seeded alike on
             every TP rank).
         tp_group: the TP group (None: one rank holds the whole vocabulary).
+        noise: optional [B, vocab_size] fp32 exponential draws to use instead of drawing them from
+            ``generator`` (the pipeline-parallel decode draws a whole step's noise once and samples its
+            micro-batches from row slices of it, so the tokens equal an unsplit batch's).
 
     Returns:
         ``(tokens [B] int64, logp [B] float32)``, logp = log softmax(logits / T)[token] over the allowed entries.
@@ -62,7 +66,11 @@ def sample_vocab_parallel(local: torch.Tensor, *, vocab_start: int, vocab_size: 
     if greedy:
         key = scaled
     else:
-        noise = torch.empty(b, vocab_size, device=local.device, dtype=torch.float32).exponential_(generator=generator)
+        if noise is None:
+            noise = torch.empty(b, vocab_size, device=local.device, dtype=torch.float32).exponential_(
+                generator=generator)
+        elif tuple(noise.shape) != (b, vocab_size):
+            raise ValueError(f"sample_vocab_parallel: noise has shape {tuple(noise.shape)}, expected {(b, vocab_size)}")
         lo, hi = min(max(vocab_start, 0), vocab_size), min(vocab_start + width, vocab_size)
         e = torch.ones(b, width, device=local.device, dtype=torch.float32)
         e[:, : hi - lo] = noise[:, lo:hi]
