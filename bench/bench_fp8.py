@@ -1,4 +1,4 @@
-"""FP8 through torchao (issue 17, item 4): the GEMM-only ratio and a loss-curve numerics check, one JSON.
+"""FP8 through torchao (issue 17, item 4): GEMM-only ratio, train-step ratio and a loss-curve check, one JSON.
 
 (a) **GEMM-only**, per shape (tokens x in -> out, hidden 4096 / 8192 models): the BF16 matmul against
     ``torch._scaled_mm`` on operands already in float8 (what the tensor cores do; tensorwise and rowwise scales),
@@ -10,9 +10,14 @@
     the loss falls from log V towards the chain's entropy) in BF16 and with the decoder's linears in FP8
     (torchao tensorwise and rowwise); AdamW on fp32 master weights. Reports both curves, the max relative
     difference of FP8 to BF16 over the steps, and ms per step.
+(c) **Train step** at hidden 4096 (4 layers, FFN 14336, 32 heads / 8 KV groups) and 8192 (2 layers, FFN 28672,
+    64 / 8): forward + backward of our megatron policy (local spec, SDPA attention, vocab 32000) on micro-batch 4 x
+    2048 tokens, BF16 vs FP8 (torchao tensorwise, rowwise); ms per step and model TFLOP/s (the profiler's FLOP
+    model, ``megatron_rcpa/profiling/flops.py``, causal attention convention). Few layers keep the weights, grads
+    and activations on one GPU; the per-layer ratio is what the shape decides.
 
     python bench/bench_fp8.py                   # on a GPU of compute capability 8.9+ (H100/H200)
-    python bench/bench_fp8.py --quick           # CPU: torchao's emulation, tiny shapes, no GEMM timing (a test)
+    python bench/bench_fp8.py --quick           # CPU: (b) and (c) tiny, on torchao's emulation (the wiring; a test)
 
 JSON: ``$OUT/bench_fp8_<card>.json`` (``--out``; ``$OUT`` defaults to ./bench/results/local).
 """
@@ -50,9 +55,16 @@ def card_name() -> str:
 
 
 def time_ms(fn, warmup: int = 10, reps: int = 50) -> float:
-    """Median ms of ``fn()`` (CUDA events per repetition)."""
+    """Median ms of ``fn()`` (CUDA events per repetition; wall clock on a CPU)."""
     for _ in range(warmup):
         fn()
+    if not CUDA:
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(reps):
@@ -235,12 +247,58 @@ def loss_curves(hidden: int, layers: int, batch: int, seq: int, steps: int, lr: 
         teardown()
 
 
+TRAIN_SHAPES = ((4096, 4, 14336, 32, 8), (8192, 2, 28672, 64, 8))  # hidden, layers, FFN, heads, KV groups
+
+
+def train_step_case(hidden: int, layers: int, ffn: int, heads: int, groups: int, batch: int, seq: int,
+                    reps: int, vocab: int = 32000) -> dict:
+    from megatron_rcpa.models import families
+    from megatron_rcpa.models.attention import policy_attention_kwargs
+    from megatron_rcpa.models.fp8 import enable_torchao_fp8
+    from megatron_rcpa.models.tiny import tiny_text_lm_config
+    from megatron_rcpa.profiling.flops import DecoderShape, train_flops
+
+    hf = tiny_text_lm_config("llama", vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_layers=layers,
+                             num_attention_heads=heads, num_key_value_heads=groups, max_position_embeddings=seq)
+    fam = families.get("llama")
+    row = {"hidden": hidden, "layers": layers, "ffn": ffn, "heads": heads, "kv_groups": groups, "batch": batch,
+           "seq": seq, "vocab": vocab}
+    gen = torch.Generator().manual_seed(0)
+    tok = torch.randint(0, vocab, (batch, seq + 1), generator=gen).to("cuda" if CUDA else "cpu")
+    for name in ("bf16", "fp8_tensorwise", "fp8_rowwise"):
+        policy = fam.build_policy(hf.to_dict(), params_dtype=torch.bfloat16, **policy_attention_kwargs("llama", "sdpa"))
+        if name != "bf16":
+            row[f"{name}_linears"] = len(enable_torchao_fp8(policy, name.split("_", 1)[1]))
+        flops = train_flops(DecoderShape.from_hf_config(hf.to_dict(), vocab_size=policy.padded_vocab_size),
+                            [seq] * batch, attention="causal")
+
+        def step(policy=policy):
+            for p in policy.parameters():
+                p.grad = None
+            policy(input_ids=tok[:, :-1], labels=tok[:, 1:]).float().mean().backward()
+
+        try:
+            ms = time_ms(step, warmup=3, reps=reps)
+            row[f"{name}_ms"] = ms
+            row[f"{name}_tflops"] = flops / ms / 1e9
+        except RuntimeError as exc:  # e.g. out of memory
+            row[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+        del policy
+        if CUDA:
+            torch.cuda.empty_cache()
+    for name in ("fp8_tensorwise", "fp8_rowwise"):
+        if f"{name}_ms" in row and "bf16_ms" in row:
+            row[f"speedup_{name}"] = row["bf16_ms"] / row[f"{name}_ms"]
+    return row
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="CPU: torchao's emulation, tiny model, no GEMM timing")
     p.add_argument("--out", default=None, help="output folder (default $OUT or bench/results/local)")
     p.add_argument("--skip-gemm", action="store_true")
     p.add_argument("--skip-loss", action="store_true")
+    p.add_argument("--skip-train", action="store_true")
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--hidden", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
@@ -271,6 +329,24 @@ def main(argv=None) -> int:
                       flush=True)
         else:
             result["gemm"] = "skipped: no CUDA device (no FP8 matmul on a CPU)"
+    if not args.skip_train:
+        from megatron_rcpa.models.fp8 import emulate_fp8_for_tests
+        from megatron_rcpa.runtime.parallel import init_distributed, teardown
+
+        init_distributed(1, 1, seed=1234)
+        try:
+            result["train_step"] = []
+            cases = [(s, dict(batch=4, seq=2048, reps=max(5, args.reps // 5))) for s in TRAIN_SHAPES]
+            if args.quick:  # the wiring only: tiny shapes on the emulation, the times mean nothing
+                cases = [((64, 2, 128, 4, 2), dict(batch=2, seq=16, reps=1, vocab=301))]
+            for shape, kw in cases:
+                with emulate_fp8_for_tests() if not CUDA else contextlib.nullcontext():
+                    row = train_step_case(*shape, **kw)
+                result["train_step"].append(row)
+                print(json.dumps({k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}),
+                      flush=True)
+        finally:
+            teardown()
     if not args.skip_loss:
         if args.quick:
             sizes = dict(hidden=args.hidden or 64, layers=args.layers or 2, batch=2, seq=32, steps=args.steps or 4,

@@ -1,5 +1,6 @@
-"""bench/bench_fp8.py --quick on a CPU: the loss-curve comparison (BF16 vs torchao FP8, both recipes) runs through
-torchao's emulation on a tiny model and writes its JSON; without --quick a CPU is refused (no FP8 matmul)."""
+"""bench/bench_fp8.py --quick on a CPU: the loss-curve comparison (BF16 vs torchao FP8, both recipes) and the
+train-step timing run through torchao's emulation on a tiny model and write the JSON; without --quick a CPU is
+refused (no FP8 matmul)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def test_quick_loss_curves_on_the_emulation(tmp_path):
             assert curve["fp8_linears"] == 8 and curve["loss"] != lc["curves"]["bf16"]["loss"]
     assert set(lc["max_rel_diff"]) == {"fp8_tensorwise", "fp8_rowwise"}
     assert lc["within_tolerance"] is (max(lc["max_rel_diff"].values()) <= lc["tolerance"])
+    (step,) = res["train_step"]  # the train-step section's wiring on tiny shapes
+    assert step["fp8_tensorwise_linears"] == step["fp8_rowwise_linears"] == 8
+    assert all(step[f"{n}_ms"] > 0 and step[f"{n}_tflops"] > 0 for n in ("bf16", "fp8_tensorwise", "fp8_rowwise"))
 
     proc = _run(out=tmp_path)
     assert proc.returncode == 2 and "no CUDA device" in proc.stderr
