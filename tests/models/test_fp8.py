@@ -374,6 +374,43 @@ def test_fp8_checkpoints_load_unchanged(policy_results):
                       "fp8_loaded_converted": 8}
 
 
+def vlm_worker() -> dict:
+    """Qwen2.5-VL (HF vision tower) and LLaVA (megatron's TP-sharded ViT + projector, themselves column/row-parallel
+    linears): which linears are converted, and which megatron TP linears are left alone."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    from megatron_rcpa.models import families
+    from megatron_rcpa.models.fp8 import emulate_fp8_for_tests, enable_torchao_fp8
+
+    out = {}
+    for name in ("qwen2_5_vl", "llava"):
+        fam = families.get(name)
+        _, hf_config = fam.tiny_tokenizer_and_config()
+        policy = fam.build_policy(hf_config)
+        keys = list(policy.state_dict())
+        with emulate_fp8_for_tests():
+            converted = enable_torchao_fp8(policy, "rowwise")
+        tp_linears = [n for n, m in policy.named_modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+        out[name] = {"converted": converted, "left": sorted(set(tp_linears) - set(converted)),
+                     "same_keys": keys == list(policy.state_dict())}
+    return out
+
+
+@pytest.mark.multiproc
+@pytest.mark.megatron
+def test_vlms_convert_only_the_language_models_decoder():
+    from megatron_rcpa.testing import run_distributed
+
+    res = run_distributed(vlm_worker, world_size=1, timeout=300)[0]
+    for name, r in res.items():
+        assert len(r["converted"]) == 4 * 2 and r["same_keys"], name
+        assert all(n.startswith("language_model.decoder.layers.") for n in r["converted"]), name
+        assert "language_model.output_layer" in r["left"], name  # the LM head stays BF16
+    assert res["qwen2_5_vl"]["left"] == ["language_model.output_layer"]  # its vision tower is HF (nn.Linear)
+    left = res["llava"]["left"]  # megatron's ViT and the projector stay BF16
+    assert any(n.startswith("vision_model.") for n in left) and any("projection" in n for n in left), left
+
+
 # ------------------------------------------------------------------------------------------- the trainer
 def trainer_worker(out: str) -> dict:
     from megatron_rcpa.models.fp8 import emulate_fp8_for_tests, fp8_module_names
