@@ -194,7 +194,8 @@ def build_step_context(cfg: TrainConfig, groups, tok, hf_config, family, *, stop
     """The pieces one RL step needs, built once from the config: the policy (DDP-wrapped), megatron's
     optimizer, the frozen reference (beta > 0), the rollout engine and the curriculum. The trainer and the
     profiler both build through here. ``stop`` overrides the engine's stop rule (the profiler decodes a fixed
-    number of tokens); ``policy_kwargs`` go to the family's policy builder (the profiler's FP8 layer spec)."""
+    number of tokens); ``policy_kwargs`` go to the family's policy builder (e.g. the profiler's TE FP8 format as
+    ``config_overrides``); ``model.fp8`` is applied by :func:`build_policy`, to the reference model too."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
