@@ -166,6 +166,37 @@ def test_training_with_fp8_on_a_cpu_refuses_before_building(tmp_path, capsys):
         enable_torchao_fp8(torch.nn.Module(), "tensorwise")  # without the tests' emulation
 
 
+def test_build_policy_with_the_te_backend(monkeypatch):
+    """Where Transformer Engine resolves (faked here: TE is not installable on a CPU), the trainer's build_policy
+    builds the TE layer spec with the recipe's TransformerConfig options (a caller's options win), applies no
+    torchao conversion, and refuses to load a converted local-spec checkpoint into it."""
+    import types
+
+    import megatron_rcpa.models.fp8 as fp8
+    from megatron_rcpa.models import families
+    from megatron_rcpa.train.config import load_config
+    from megatron_rcpa.train.trainer import build_policy
+
+    calls = []
+    fake = types.SimpleNamespace(build_policy=lambda hf, **kw: calls.append(kw) or torch.nn.Linear(1, 1),
+                                 init_tiny_weights=lambda policy, seed: None)
+    monkeypatch.setattr(families, "get", lambda name: fake)
+    monkeypatch.setattr(fp8, "resolve_fp8", lambda cfg: ("te", cfg.recipe or "delayed"))
+    monkeypatch.setattr(fp8, "te_layer_spec", lambda: "TE-SPEC")
+    monkeypatch.setattr(fp8, "enable_torchao_fp8", lambda *a, **k: pytest.fail("torchao conversion with te"))
+    cfg = load_config(None, ["model.family=qwen2", "model.tiny=true", "model.fp8.enabled=true",
+                             "model.fp8.backend=te", "model.fp8.recipe=tensorwise"])
+    build_policy(cfg, None)
+    build_policy(cfg, None, config_overrides={"fp8": "e4m3"})
+    assert calls[0]["transformer_layer_spec"] == "TE-SPEC"
+    assert calls[0]["config_overrides"] == {"fp8": "hybrid", "fp8_recipe": "tensorwise"}
+    assert calls[1]["config_overrides"] == {"fp8": "e4m3", "fp8_recipe": "tensorwise"}
+    cfg = load_config(None, ["model.family=qwen2", "model.checkpoint=/ckpt", "model.fp8.enabled=true"])
+    with pytest.raises(fp8.Fp8Error, match="model.fp8.backend = 'te' cannot load model.checkpoint = '/ckpt'.*use "
+                                           "model.fp8.backend=torchao"):
+        build_policy(cfg, None)
+
+
 # ---------------------------------------------------------------------------------------- whole policies
 def _hand_forward_impl(self, input, weight, bias=None, gradient_accumulation_fusion=False, allreduce_dgrad=False,
                        sequence_parallel=False, tp_group=None, **unused):
