@@ -200,6 +200,7 @@ def train_curve(policy, batches, lr: float, device) -> dict:
 
 def loss_curves(hidden: int, layers: int, batch: int, seq: int, steps: int, lr: float, emulate: bool) -> dict:
     from megatron_rcpa.models import families
+    from megatron_rcpa.models.attention import policy_attention_kwargs
     from megatron_rcpa.models.fp8 import emulate_fp8_for_tests, enable_torchao_fp8
     from megatron_rcpa.models.tiny import tiny_text_lm_config
     from megatron_rcpa.runtime.parallel import init_distributed, teardown
@@ -214,7 +215,8 @@ def loss_curves(hidden: int, layers: int, batch: int, seq: int, steps: int, lr: 
     try:
         device = torch.device("cuda") if CUDA else torch.device("cpu")
         torch.manual_seed(1234)
-        base = fam.build_policy(hf.to_dict(), params_dtype=torch.bfloat16)
+        attention = policy_attention_kwargs("llama", "sdpa")  # the trainer's default core attention
+        base = fam.build_policy(hf.to_dict(), params_dtype=torch.bfloat16, **attention)
         state = {k: v.clone() if torch.is_tensor(v) else v for k, v in base.state_dict().items()}
         batches = bigram_batches(vocab, batch, seq, steps, seed=5)
         out = {"model": {"family": "llama", "hidden": hidden, "layers": layers, "heads": heads, "vocab": vocab,
@@ -223,7 +225,8 @@ def loss_curves(hidden: int, layers: int, batch: int, seq: int, steps: int, lr: 
         out["curves"]["bf16"] = train_curve(base, batches, lr, device)
         del base
         for recipe in ("tensorwise", "rowwise"):
-            policy = fam.build_policy(hf.to_dict(), params_dtype=torch.bfloat16)
+            policy = fam.build_policy(hf.to_dict(), params_dtype=torch.bfloat16, perform_initialization=False,
+                                      **attention)
             policy.load_state_dict(state)
             with emulate_fp8_for_tests() if emulate else contextlib.nullcontext():
                 converted = enable_torchao_fp8(policy, recipe)
