@@ -10,6 +10,8 @@
 * :mod:`.tiny` - tiny random HF checkpoints for tests and demos
 * :mod:`.policy_base` - :class:`DecoderPolicy` (the one forward), :func:`build_decoder_policy`,
   :func:`trainer_forward`, :func:`causal_padding_mask`
+* :mod:`.fp8` - ``model.fp8``: :func:`~.fp8.enable_torchao_fp8` (the decoder's TP linears' GEMMs in float8 through
+  torchao), Transformer Engine's spec/options, :func:`~.fp8.resolve_fp8` (backend, recipe, the GPU check)
 * :mod:`.families` - the model-family registry (:func:`~.families.get`, :func:`~.families.names`): one record
   per family with its builder, converter table, prompt format and tiny model
 

@@ -2,12 +2,17 @@
 
     python tools/profile_throughput.py --config run.yaml --steps 5 [key=value ...]
     torchrun --nproc_per_node 8 tools/profile_throughput.py --config run.yaml --steps 10 --compare bf16,fp8
+    python tools/profile_throughput.py --config run.yaml --compare bf16,fp8 --fp8-backend torchao --fp8-recipe rowwise
 
 Runs ``--warmup`` + ``--steps`` RCPA steps (rollout, log-prob recompute, train forward+backward, optimizer; see
 :mod:`megatron_rcpa.profiling.runner`) and reports, per phase, the median time, tokens/s/GPU, model TFLOP/s/GPU
 (:mod:`megatron_rcpa.profiling.flops`), MFU against the card's dense peak (:mod:`megatron_rcpa.profiling.peaks`)
 and peak memory: a table on stdout, ``profile_throughput.json`` (schema in :mod:`megatron_rcpa.profiling.report`)
 and ``profile_throughput.png`` under ``--out-dir``.
+
+FP8 (:mod:`megatron_rcpa.profiling.precision`): ``--fp8-backend te`` (Transformer Engine) or ``torchao``
+(``torchao.float8`` GEMMs in the local spec's linears); ``auto`` picks te when it imports. It needs a CUDA GPU of
+compute capability 8.9+; on a CPU it stops at once.
 
 Exit status: 0 done; 2 bad arguments or configuration, or FP8 asked for where it cannot run.
 """
@@ -23,7 +28,14 @@ from typing import List, Optional
 
 from megatron_rcpa.profiling.flops import ATTENTION_MODES
 from megatron_rcpa.profiling.peaks import PEAKS
-from megatron_rcpa.profiling.precision import FP8_FORMATS, FP8_RECIPES, PRECISIONS, PrecisionError
+from megatron_rcpa.profiling.precision import (
+    FP8_BACKENDS,
+    FP8_FORMATS,
+    FP8_RECIPES,
+    PRECISIONS,
+    TORCHAO_RECIPES,
+    PrecisionError,
+)
 
 __all__ = ["EXIT_BAD_INPUT", "build_parser", "main"]
 
@@ -42,11 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=5, help="measured steps (default 5)")
     p.add_argument("--warmup", type=int, default=1, help="warm-up steps before measuring (default 1)")
     p.add_argument("--precision", default="bf16", help=f"one of {', '.join(PRECISIONS)} (default bf16)")
+    p.add_argument("--fp8-backend", default=None,
+                   help=f"FP8 backend: {', '.join(FP8_BACKENDS)} (default auto: te when transformer_engine imports, "
+                        "else torchao)")
     p.add_argument("--fp8-recipe", default=None,
-                   help=f"FP8 scaling recipe: {', '.join(FP8_RECIPES)} (default delayed; mxfp8 needs Blackwell)")
+                   help=f"FP8 scaling recipe. te: {', '.join(FP8_RECIPES)} (default delayed; mxfp8 needs Blackwell); "
+                        f"torchao: {', '.join(TORCHAO_RECIPES)} (default tensorwise)")
     p.add_argument("--fp8-format", default=None,
-                   help=f"FP8 format: {', '.join(FP8_FORMATS)} (default hybrid for delayed/tensorwise, e4m3 for "
-                        "blockwise/mxfp8)")
+                   help=f"FP8 format, te only: {', '.join(FP8_FORMATS)} (default hybrid for delayed/tensorwise, e4m3 "
+                        "for blockwise/mxfp8)")
     p.add_argument("--compare", default=None, metavar="A,B",
                    help="run several precisions in turn and report them side by side, e.g. bf16,fp8")
     p.add_argument("--prompt-len", type=int, default=64, help="text tokens per prompt (default 64)")
@@ -95,7 +111,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     # Everything checkable is checked before megatron is imported or a model is built.
     try:
-        runs = parse_precisions(args.precision, args.fp8_recipe, args.compare, args.fp8_format)
+        runs = parse_precisions(args.precision, args.fp8_recipe, args.compare, args.fp8_format, args.fp8_backend)
         device = detect_device()
         check_fp8_available(runs, device)
         settings = ProfileSettings(steps=args.steps, warmup=args.warmup, prompt_len=args.prompt_len,
@@ -110,6 +126,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (PrecisionError, ValueError, FileNotFoundError) as exc:
         return _fail(str(exc))
 
+    from megatron_rcpa.models.fp8 import Fp8Error
     from megatron_rcpa.profiling.report import build_report, format_table, plot_report, write_json
     from megatron_rcpa.profiling.runner import ProfileConfigError, megatron_session, profile_precision
 
@@ -133,7 +150,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 json_path = write_json(report, os.path.join(out_dir, JSON_NAME))
                 png_path = plot_report(report, os.path.join(out_dir, PNG_NAME))
                 print(f"\nwrote {json_path}\nwrote {png_path}")
-    except (PrecisionError, ProfileConfigError) as exc:
+    except (PrecisionError, ProfileConfigError, Fp8Error) as exc:
         return _fail(str(exc))
     return 0
 

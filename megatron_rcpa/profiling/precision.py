@@ -1,56 +1,86 @@
-"""Which precisions a profile runs, checked before anything is built; and the FP8 (Transformer Engine) setup.
+"""Which precisions a profile runs, checked before anything is built; FP8 through Transformer Engine or torchao.
 
-BF16 runs everywhere (the CPU included). FP8 runs through Transformer Engine: megatron's TE layer spec
-(``get_gpt_layer_with_transformer_engine_spec``) and the ``fp8`` / ``fp8_recipe`` options of megatron's
-``TransformerConfig``, which make every transformer layer run its GEMMs under TE's FP8 autocast (the LM head,
-the embedding and the HF vision tower stay BF16). TE is imported lazily; without it (or without a GPU) FP8
-stops with :class:`PrecisionError`.
+BF16 runs everywhere (the CPU included). FP8 (``--precision fp8``, or ``--compare bf16,fp8``) runs through one of
+two backends (``--fp8-backend``; default ``auto``: ``te`` when ``transformer_engine.pytorch`` imports, else
+``torchao``), both set up by :mod:`megatron_rcpa.models.fp8` (``model.fp8`` of the trainer):
+
+- ``te``: megatron's TE layer spec and the ``fp8`` / ``fp8_recipe`` options of its ``TransformerConfig``; every
+  transformer layer runs its GEMMs under TE's FP8 autocast. Recipes ``delayed`` (default), ``tensorwise``,
+  ``blockwise``, ``mxfp8`` (Blackwell); ``--fp8-format hybrid | e4m3``.
+- ``torchao``: the local spec, its column/row-parallel linears' GEMMs through ``torchao.float8`` (recipes
+  ``tensorwise`` (default), ``rowwise``; the formats follow the recipe).
+
+The LM head, the embedding and the vision tower stay BF16 with either. Both are imported lazily; without a GPU
+of compute capability 8.9+, or without the backend's package, FP8 stops with :class:`PrecisionError`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Dict, List, Optional
 
+from megatron_rcpa.models.fp8 import (
+    DEFAULT_RECIPE,
+    FP8_BACKENDS,
+    MIN_CAPABILITY,
+    TE_DEFAULT_FORMAT,
+    TE_FORMATS,
+    TE_RECIPES,
+    TORCHAO_RECIPES,
+    te_config_overrides,
+    te_layer_spec,
+    torchao_available,
+    transformer_engine_available,
+)
 from megatron_rcpa.profiling.peaks import DeviceInfo, is_blackwell
 
 __all__ = [
+    "FP8_BACKENDS",
     "FP8_FORMATS",
     "FP8_RECIPES",
     "PRECISIONS",
     "PrecisionError",
     "PrecisionRun",
+    "TORCHAO_RECIPES",
     "check_fp8_available",
     "fp8_config_overrides",
     "parse_precisions",
     "te_layer_spec",
+    "torchao_available",
     "transformer_engine_available",
 ]
 
 PRECISIONS = ("bf16", "fp8")
-FP8_RECIPES = ("delayed", "tensorwise", "blockwise", "mxfp8")
-FP8_FORMATS = ("hybrid", "e4m3")
-DEFAULT_FP8_RECIPE = "delayed"  # megatron-core's default
-# E4M3 forward / E5M2 gradients ("hybrid") for the per-tensor recipes; the block-scaled ones use E4M3 throughout
-_DEFAULT_FORMAT = {"delayed": "hybrid", "tensorwise": "hybrid", "blockwise": "e4m3", "mxfp8": "e4m3"}
+FP8_RECIPES = TE_RECIPES  # Transformer Engine's
+FP8_FORMATS = TE_FORMATS
+RECIPES = {"te": TE_RECIPES, "torchao": TORCHAO_RECIPES}
+DEFAULT_FP8_RECIPE = DEFAULT_RECIPE["te"]  # megatron-core's default
 TE_MISSING = ("FP8 needs transformer-engine on a GPU image (e.g. the NGC PyTorch container); {why}. "
-              "Use --precision bf16 here.")
+              "Use --precision bf16 here, or --fp8-backend torchao on a GPU.")
+TORCHAO_NO_GPU = ("FP8 through torchao needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+: L40, H100, "
+                  "H200, B200); {why}: there is no FP8 matmul on a CPU. Use --precision bf16 here.")
 
 
 class PrecisionError(ValueError):
-    """A precision / FP8 recipe that is invalid or cannot run on this machine."""
+    """A precision / FP8 backend or recipe that is invalid or cannot run on this machine."""
 
 
 @dataclasses.dataclass(frozen=True)
 class PrecisionRun:
     precision: str  # bf16 | fp8
     fp8_recipe: Optional[str] = None
-    fp8_format: Optional[str] = None
+    fp8_format: Optional[str] = None  # Transformer Engine only
+    fp8_backend: Optional[str] = None  # te | torchao (an fp8 run without one is a TE run, as before torchao)
+
+    def __post_init__(self) -> None:
+        if self.precision == "fp8" and self.fp8_backend is None:
+            object.__setattr__(self, "fp8_backend", "te")
 
     @property
     def label(self) -> str:
-        return self.precision if self.precision == "bf16" else f"fp8-{self.fp8_recipe}"
+        if self.precision == "bf16":
+            return "bf16"
+        return f"fp8-{self.fp8_recipe}" if self.fp8_backend == "te" else f"fp8-{self.fp8_backend}-{self.fp8_recipe}"
 
 
 def _check_precision(value: str, flag: str) -> str:
@@ -60,10 +90,14 @@ def _check_precision(value: str, flag: str) -> str:
 
 
 def parse_precisions(precision: str = "bf16", fp8_recipe: Optional[str] = None, compare: Optional[str] = None,
-                     fp8_format: Optional[str] = None) -> List[PrecisionRun]:
-    """The runs asked for by ``--precision`` / ``--fp8-recipe`` / ``--fp8-format`` / ``--compare a,b``.
+                     fp8_format: Optional[str] = None, fp8_backend: Optional[str] = None,
+                     te_error: Optional[str] = "unchecked") -> List[PrecisionRun]:
+    """The runs asked for by ``--precision`` / ``--fp8-backend`` / ``--fp8-recipe`` / ``--fp8-format`` /
+    ``--compare a,b``.
 
-    ``--compare`` replaces ``--precision``; ``--fp8-recipe`` and ``--fp8-format`` need an fp8 run.
+    ``--compare`` replaces ``--precision``; the ``--fp8-*`` flags need an fp8 run. ``--fp8-backend auto`` (the
+    default) is ``te`` when Transformer Engine imports (``te_error`` None; "unchecked" asks
+    :func:`transformer_engine_available`), else ``torchao``; the recipe must be one of that backend's.
     """
     if compare is not None:
         names = [c.strip() for c in compare.split(",") if c.strip()]
@@ -75,68 +109,79 @@ def parse_precisions(precision: str = "bf16", fp8_recipe: Optional[str] = None, 
         precisions = [_check_precision(n, "--compare") for n in names]
     else:
         precisions = [_check_precision(precision, "--precision")]
-    if fp8_recipe is not None and fp8_recipe not in FP8_RECIPES:
-        raise PrecisionError(f"--fp8-recipe {fp8_recipe!r}: expected one of {', '.join(FP8_RECIPES)}")
+    if fp8_backend is not None and fp8_backend not in FP8_BACKENDS:
+        raise PrecisionError(f"--fp8-backend {fp8_backend!r}: expected one of {', '.join(FP8_BACKENDS)}")
+    all_recipes = tuple(dict.fromkeys(TE_RECIPES + TORCHAO_RECIPES))
+    if fp8_recipe is not None and fp8_recipe not in all_recipes:
+        raise PrecisionError(f"--fp8-recipe {fp8_recipe!r}: expected one of {', '.join(TE_RECIPES)} (te) or "
+                             f"{', '.join(TORCHAO_RECIPES)} (torchao)")
     if fp8_format is not None and fp8_format not in FP8_FORMATS:
         raise PrecisionError(f"--fp8-format {fp8_format!r}: expected one of {', '.join(FP8_FORMATS)}")
     if "fp8" not in precisions:
-        for flag, value in (("--fp8-recipe", fp8_recipe), ("--fp8-format", fp8_format)):
+        for flag, value in (("--fp8-backend", fp8_backend), ("--fp8-recipe", fp8_recipe),
+                            ("--fp8-format", fp8_format)):
             if value is not None:
                 raise PrecisionError(f"{flag} {value} applies to fp8 only, but the precision is "
                                      f"{','.join(precisions)}; add --precision fp8 (or --compare bf16,fp8)")
-    runs = []
-    for p in precisions:
-        if p == "bf16":
-            runs.append(PrecisionRun("bf16"))
-        else:
-            recipe = fp8_recipe or DEFAULT_FP8_RECIPE
-            runs.append(PrecisionRun("fp8", recipe, fp8_format or _DEFAULT_FORMAT[recipe]))
-    return runs
+        return [PrecisionRun("bf16") for _ in precisions]
+    backend = fp8_backend or "auto"
+    how = ""
+    if backend == "auto":
+        if te_error == "unchecked":
+            te_error = transformer_engine_available()
+        backend = "te" if te_error is None else "torchao"
+        how = f" (--fp8-backend auto chose {backend}: " + (
+            "transformer_engine imports)" if te_error is None else "transformer_engine does not import)")
+    if fp8_recipe is not None and fp8_recipe not in RECIPES[backend]:
+        raise PrecisionError(f"--fp8-recipe {fp8_recipe}: the {backend} backend{how} has the recipes "
+                             f"{', '.join(RECIPES[backend])}")
+    if fp8_format is not None and backend != "te":
+        raise PrecisionError(f"--fp8-format {fp8_format} applies to the te backend only; torchao's formats follow "
+                             f"--fp8-recipe (tensorwise: E4M3 forward, E5M2 gradients; rowwise: E4M3){how}")
+    recipe = fp8_recipe or DEFAULT_RECIPE[backend]
+    fmt = (fp8_format or TE_DEFAULT_FORMAT[recipe]) if backend == "te" else None
+    return [PrecisionRun("bf16") if p == "bf16" else PrecisionRun("fp8", recipe, fmt, backend) for p in precisions]
 
 
-def transformer_engine_available() -> Optional[str]:
-    """None if ``transformer_engine.pytorch`` imports, else why not (never raises)."""
-    try:
-        importlib.import_module("transformer_engine.pytorch")
-    except Exception as exc:  # noqa: BLE001 - an installed-but-unloadable TE raises OSError & co, not ImportError
-        return f"'import transformer_engine.pytorch' failed ({type(exc).__name__}: {exc})"
-    return None
+def check_fp8_available(runs: List[PrecisionRun], device: DeviceInfo, te_error: Optional[str] = "unchecked",
+                        torchao_error: Optional[str] = "unchecked") -> None:
+    """Raise PrecisionError if an FP8 run cannot run here: no GPU (every CPU), a GPU without FP8 tensor cores,
+    MXFP8 off Blackwell (naming the card), the backend's package missing.
 
-
-def check_fp8_available(runs: List[PrecisionRun], device: DeviceInfo, te_error: Optional[str] = "unchecked") -> None:
-    """Raise PrecisionError if an FP8 run cannot run here: MXFP8 off Blackwell (naming the card), no GPU, no TE.
-
-    ``te_error`` is :func:`transformer_engine_available`'s answer; "unchecked" (the default) asks it, lazily.
+    ``te_error`` / ``torchao_error`` are :func:`transformer_engine_available` / :func:`torchao_available`'s
+    answers; "unchecked" (the default) asks them, lazily.
     """
     fp8 = [r for r in runs if r.precision == "fp8"]
-    if not fp8:
-        return
     for run in fp8:
         if run.fp8_recipe == "mxfp8" and not is_blackwell(device):
             card = device.name if device.kind == "cuda" else "a CPU (no CUDA device)"
             cap = f", compute capability {device.capability[0]}.{device.capability[1]}" if device.capability else ""
             raise PrecisionError(f"--fp8-recipe mxfp8 needs a Blackwell GPU (compute capability 10.x, e.g. B200); "
                                  f"this device is {card}{cap}. Use delayed, tensorwise or blockwise here.")
-    if device.kind != "cuda":
-        raise PrecisionError(TE_MISSING.format(why="this machine has no CUDA device"))
-    if te_error == "unchecked":
-        te_error = transformer_engine_available()
-    if te_error is not None:
-        raise PrecisionError(TE_MISSING.format(why=te_error))
+    for backend in dict.fromkeys(r.fp8_backend for r in fp8):
+        if device.kind != "cuda":
+            why = "this machine has no CUDA device"
+            raise PrecisionError(TE_MISSING.format(why=why) if backend == "te" else TORCHAO_NO_GPU.format(why=why))
+        if device.capability is not None and tuple(device.capability) < MIN_CAPABILITY:
+            raise PrecisionError(f"FP8 ({backend}) needs compute capability 8.9+ (L40, H100, H200, B200); this "
+                                 f"device is {device.name}, compute capability {device.capability[0]}."
+                                 f"{device.capability[1]}. Use --precision bf16 here.")
+        if backend == "te":
+            if te_error == "unchecked":
+                te_error = transformer_engine_available()
+            if te_error is not None:
+                raise PrecisionError(TE_MISSING.format(why=te_error))
+        else:
+            if torchao_error == "unchecked":
+                torchao_error = torchao_available()
+            if torchao_error is not None:
+                raise PrecisionError(f"--fp8-backend torchao: {torchao_error}")
 
 
 def fp8_config_overrides(run: PrecisionRun) -> Dict[str, Any]:
-    """megatron ``TransformerConfig`` options of an FP8 run (empty for bf16)."""
-    if run.precision != "fp8":
+    """megatron ``TransformerConfig`` options of an FP8 run (empty for bf16, and for torchao, which replaces the
+    linears' GEMMs instead: :func:`megatron_rcpa.models.fp8.enable_torchao_fp8`)."""
+    if run.precision != "fp8" or run.fp8_backend != "te":
         return {}
-    overrides: Dict[str, Any] = {"fp8": run.fp8_format, "fp8_recipe": run.fp8_recipe}
-    if run.fp8_recipe == "delayed":
-        overrides.update(fp8_amax_history_len=1024, fp8_amax_compute_algo="max")
-    return overrides
+    return te_config_overrides(run.fp8_recipe, run.fp8_format)
 
-
-def te_layer_spec(qk_layernorm: bool = False):
-    """megatron's Transformer Engine GPT layer spec (FP8-capable linear layers, TE norms and attention)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
-
-    return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)

@@ -12,7 +12,8 @@ JSON schema (``schema_version`` 1; :data:`REPORT_SCHEMA` is the machine-readable
       "config": {...},                                    # summary of the run configuration (free-form)
       "flop_model": {"attention": "full" | "causal", "train_multiplier": 3, "doc": str},
       "runs": [                                           # one per precision (two with --compare)
-        {"label": "bf16" | "fp8-<recipe>", "precision": "bf16" | "fp8", "fp8_recipe": str | null,
+        {"label": "bf16" | "fp8-<recipe>" (te) | "fp8-torchao-<recipe>", "precision": "bf16" | "fp8",
+         "fp8_recipe": str | null, "fp8_backend": "te" | "torchao" | null, "fp8_format": str | null (te only),
          "peak_tflops_per_gpu": float | null,              # dense peak used for MFU (null: no MFU)
          "peak_source": str | null,
          "steps": int, "warmup_steps": int,
@@ -101,6 +102,8 @@ REPORT_SCHEMA: Dict[str, Any] = {
                 "label": {"type": "string"},
                 "precision": {"type": "string", "enum": ["bf16", "fp8"]},
                 "fp8_recipe": {"type": ["string", "null"]},
+                "fp8_backend": {"type": ["string", "null"], "enum": ["te", "torchao", None]},
+                "fp8_format": {"type": ["string", "null"]},
                 "peak_tflops_per_gpu": _NUM, "peak_source": {"type": ["string", "null"]},
                 "steps": {"type": "integer", "minimum": 1}, "warmup_steps": {"type": "integer", "minimum": 0},
                 "phases": {"type": "array", "items": _PHASE_SCHEMA},
@@ -183,7 +186,8 @@ def phase_record(phase: str, times_s: Sequence[float], *, tokens: Optional[int],
 
 def build_run(*, label: str, precision: str, fp8_recipe: Optional[str], phases: List[Dict[str, Any]],
               step_tokens: Optional[int], step_padded_tokens: Optional[int] = None, world_size: int,
-              peak_tflops: Optional[float], peak_source: Optional[str], warmup_steps: int) -> Dict[str, Any]:
+              peak_tflops: Optional[float], peak_source: Optional[str], warmup_steps: int,
+              fp8_backend: Optional[str] = None, fp8_format: Optional[str] = None) -> Dict[str, Any]:
     """A run (one precision): its phase records plus the ``total`` record of the whole step (per-step sum of
     the phases' times, median over steps; FLOPs summed; peak memory the max over phases)."""
     if not phases:
@@ -197,7 +201,8 @@ def build_run(*, label: str, precision: str, fp8_recipe: Optional[str], phases: 
     total = phase_record("total", step_times, tokens=step_tokens, flops=sum(flops) if flops else None,
                          world_size=world_size, peak_tflops=peak_tflops, peak_memory_bytes=max(mems) if mems else None,
                          padded_tokens=step_padded_tokens)
-    return {"label": label, "precision": precision, "fp8_recipe": fp8_recipe, "peak_tflops_per_gpu": peak_tflops,
+    return {"label": label, "precision": precision, "fp8_recipe": fp8_recipe, "fp8_backend": fp8_backend,
+            "fp8_format": fp8_format, "peak_tflops_per_gpu": peak_tflops,
             "peak_source": peak_source, "steps": steps, "warmup_steps": int(warmup_steps), "phases": phases,
             "total": total}
 

@@ -16,8 +16,12 @@ What is synthetic, because the phase costs do not depend on it: prompts are rand
 tokens in the family's prompt format (plus one random image of ``data.image_size`` pixels a side per prompt for
 a VLM), the forced prefix is ``prefix_len`` tokens of a random reference on every prompt (no curriculum),
 every rollout generates exactly ``max_new_tokens`` (no EOS: the worst case the rollout engine must provision
-for), rewards are random, and the weights are random unless ``load_weights`` (bf16 only: a converted
+for), rewards are random, and the weights are random unless ``load_weights`` (bf16 and torchao FP8: a converted
 checkpoint holds local-spec names, not TE ones). Reward computation (CPU, text) is not timed.
+
+Precision: each run sets ``model.fp8`` from its :class:`~megatron_rcpa.profiling.precision.PrecisionRun` (off for
+bf16; ``backend``/``recipe`` for fp8), whatever the config file says, and builds the policy through the trainer's
+``build_policy`` (:mod:`megatron_rcpa.models.fp8`).
 
 Distributed: under ``torchrun`` the real process group is used (NCCL on GPUs), with ``parallel.tp`` and
 ``parallel.pp`` from the config. A plain ``python`` start is one process (gloo on a CPU, with the CPU shim).
@@ -38,7 +42,7 @@ import torch
 
 from megatron_rcpa.profiling.flops import DecoderShape, VisionShape, logprob_flops, rollout_flops, train_flops
 from megatron_rcpa.profiling.peaks import DeviceInfo, resolve_peak
-from megatron_rcpa.profiling.precision import PrecisionRun, fp8_config_overrides, te_layer_spec
+from megatron_rcpa.profiling.precision import PrecisionRun, fp8_config_overrides
 from megatron_rcpa.profiling.report import build_run, phase_record
 from megatron_rcpa.profiling.timer import PhaseTimer
 
@@ -234,7 +238,7 @@ def _shapes(policy, hf_config, log) -> Tuple[DecoderShape, Optional[VisionShape]
 
 def profile_precision(cfg, run: PrecisionRun, settings: ProfileSettings, device: DeviceInfo,
                       log: Callable[[str], None] = print) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """Build the trainer's step context at ``run``'s precision (BF16 params; FP8 through TE), run warm-up +
+    """Build the trainer's step context at ``run``'s precision (BF16 params; FP8 through TE or torchao), run warm-up +
     measured steps of the trainer's phases (:mod:`megatron_rcpa.train.phases`) on synthetic prompts and
     rewards, return (run record, config summary). Needs :func:`megatron_session`."""
     from megatron_rcpa.rollout.sampling import StopChecker
@@ -255,13 +259,17 @@ def profile_precision(cfg, run: PrecisionRun, settings: ProfileSettings, device:
     if not cfg.model.tiny and not cfg.model.checkpoint:
         raise ProfileConfigError(f"model.family = {cfg.model.family!r} needs model.checkpoint (a converted "
                                  "checkpoint, for its architecture) or model.tiny=true")
-    if settings.load_weights and fp8:
-        raise ProfileConfigError("--load-weights applies to bf16 only: the TE layer spec of FP8 names its "
+    te = fp8 and run.fp8_backend == "te"
+    if settings.load_weights and te:
+        raise ProfileConfigError("--load-weights applies to bf16 and torchao FP8 only: the TE layer spec names its "
                                  "parameters differently from a converted (local-spec) checkpoint; FP8 throughput "
-                                 "uses random weights")
+                                 "through TE uses random weights")
     if settings.load_weights and not cfg.model.checkpoint:
         raise ProfileConfigError("--load-weights needs model.checkpoint")
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bf16"),
+    from megatron_rcpa.train.config import Fp8Config
+
+    fp8_cfg = Fp8Config(enabled=True, backend=run.fp8_backend, recipe=run.fp8_recipe) if fp8 else Fp8Config()
+    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, dtype="bf16", fp8=fp8_cfg),
                               run=dataclasses.replace(cfg.run, kernels=impl))
     try:
         phases.check_batch_layout(cfg, dp)
@@ -269,7 +277,7 @@ def profile_precision(cfg, run: PrecisionRun, settings: ProfileSettings, device:
     except ValueError as exc:
         raise ProfileConfigError(str(exc)) from exc
     rows = cfg.data.prompts_per_step // dp * group
-    if fp8 and rows % 16:
+    if te and rows % 16:
         raise ProfileConfigError(f"FP8 decode runs {rows} rows per rank (prompts per rank x rcpa.group_size); "
                                  "TE's FP8 GEMMs need a multiple of 16")
 
@@ -277,11 +285,14 @@ def profile_precision(cfg, run: PrecisionRun, settings: ProfileSettings, device:
     family = adapter_for(cfg.model.family, tok, hf_config, checkpoint=cfg.model.checkpoint,
                          system_prompt=cfg.data.system_prompt)
     policy_kwargs: Dict[str, Any] = {"load": settings.load_weights or cfg.model.tiny}
-    if fp8:
-        policy_kwargs.update(transformer_layer_spec=te_layer_spec(), config_overrides=fp8_config_overrides(run))
+    if te:  # the FP8 format (build_policy brings TE's layer spec and recipe from model.fp8)
+        policy_kwargs.update(config_overrides=fp8_config_overrides(run))
     # every rollout decodes exactly max_new_tokens (no EOS): the worst case the engine must provision for
     ctx = build_step_context(cfg, groups, tok, hf_config, family, stop=StopChecker([]), policy_kwargs=policy_kwargs)
     policy = ctx.model.module
+    from megatron_rcpa.models.fp8 import fp8_module_names
+
+    fp8_linears = len(fp8_module_names(policy))
     decoder, vision = _shapes(policy, hf_config, log)
     is_vlm = getattr(policy, "vision_model", None) is not None
     lambda_t = cfg.rcpa.loss.lambda_0 if settings.prefix_len else 0.0  # fixed: no curriculum state here
@@ -366,10 +377,13 @@ def profile_precision(cfg, run: PrecisionRun, settings: ProfileSettings, device:
     records = [phase_record(p, timer.times(p), tokens=tokens[p], flops=flops.get(p), world_size=world,
                             peak_tflops=peak_tflops, peak_memory_bytes=peaks[i], padded_tokens=padded[p])
                for i, p in enumerate(PHASES)]
-    record = build_run(label=run.label, precision=run.precision, fp8_recipe=run.fp8_recipe, phases=records,
+    record = build_run(label=run.label, precision=run.precision, fp8_recipe=run.fp8_recipe,
+                       fp8_backend=run.fp8_backend, fp8_format=run.fp8_format, phases=records,
                        step_tokens=counts["sequence"], step_padded_tokens=counts["padded"], world_size=world,
                        peak_tflops=peak_tflops, peak_source=peak_source, warmup_steps=settings.warmup)
     record["rollout_logprob_mismatch"] = mismatch  # last step, last pipeline stage
+    if run.fp8_backend == "torchao":  # linears of this rank whose GEMMs ran in float8
+        record["fp8_linears_per_rank"] = fp8_linears
     first_grid = traj.prompts[0].image_grid_thw
     summary = {
         "model": f"{cfg.model.family} ({'tiny' if cfg.model.tiny else cfg.model.checkpoint}; weights "

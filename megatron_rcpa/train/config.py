@@ -95,6 +95,27 @@ class RunConfig:
 
 
 @dataclass
+class Fp8Config:
+    """``model.fp8``: FP8 GEMMs in the decoder's linear layers (megatron_rcpa/models/fp8.py). Needs a CUDA GPU of
+    compute capability 8.9+; on a CPU ``enabled = true`` stops before any model is built."""
+
+    enabled: bool = False
+    backend: str = "auto"  # auto (te when transformer_engine imports, else torchao) | te | torchao
+    recipe: Optional[str] = None  # None: the backend's default; te: delayed | tensorwise | blockwise | mxfp8;
+    # torchao: tensorwise (per-tensor scales, E5M2 gradients) | rowwise (per-row power-of-2 scales, E4M3)
+
+    def __post_init__(self) -> None:
+        from megatron_rcpa.models.fp8 import FP8_BACKENDS, TE_RECIPES, TORCHAO_RECIPES
+
+        if not isinstance(self.enabled, bool):
+            fail("model.fp8", "enabled", self.enabled, "true or false")
+        check_choice("model.fp8", "backend", self.backend, FP8_BACKENDS)
+        allowed = {"te": TE_RECIPES, "torchao": TORCHAO_RECIPES}.get(self.backend,
+                                                                    tuple(dict.fromkeys(TE_RECIPES + TORCHAO_RECIPES)))
+        check_choice("model.fp8", "recipe", self.recipe, (None,) + tuple(allowed))
+
+
+@dataclass
 class ModelConfig:
     family: str = "qwen2_5_vl"  # a registered family (models/families): qwen2_5_vl | llava | llama | qwen2
     checkpoint: Optional[str] = None  # a megatron checkpoint, or an HF directory (converted once into output_dir)
@@ -111,6 +132,7 @@ class ModelConfig:
     recompute_granularity: Optional[str] = None  # None (off) | full (whole layers) | selective (core attention)
     recompute_method: Optional[str] = None  # full only: uniform (chunks of recompute_num_layers) | block
     recompute_num_layers: Optional[int] = None  # full only: layers per chunk (uniform) / recomputed per stage (block)
+    fp8: Fp8Config = field(default_factory=Fp8Config)  # FP8 GEMMs (te | torchao); GPU only
 
     def __post_init__(self) -> None:
         check_choice("model", "family", self.family, tuple(model_families.names()))
@@ -399,7 +421,7 @@ TEXT_FAMILIES = ("llama", "qwen2")
 def check_runnable(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
     """What can be checked before any model is built (``rcpa-train`` calls it, exit 2 on a ValueError):
     the reward resolves with its kwargs, ``parallel.tp x parallel.pp`` divides the world size (``WORLD_SIZE``
-    from torchrun, else 1), and a text family gets no image data."""
+    from torchrun, else 1), a text family gets no image data, and ``model.fp8`` can run here (not on a CPU)."""
     from megatron_rcpa.rewards import get_reward
 
     try:
@@ -427,6 +449,10 @@ def check_runnable(cfg: TrainConfig, world_size: Optional[int] = None) -> None:
                              f"parameters (freezable groups: {sorted(groups) or 'none'})")
 
     check_batch_layout(cfg, world_size // (tp * pp))  # the global batch splits over data parallel
+    if cfg.model.fp8.enabled:  # FP8 needs a GPU with FP8 tensor cores and a backend (models/fp8.py)
+        from megatron_rcpa.models.fp8 import resolve_fp8
+
+        resolve_fp8(cfg.model.fp8)
     if cfg.model.family in TEXT_FAMILIES:
         try:
             where = _image_data(cfg.data)
@@ -512,6 +538,6 @@ def describe_options() -> str:
     return "\n".join(lines)
 
 
-__all__ = ["TrainConfig", "RunConfig", "ModelConfig", "ParallelConfig", "DataConfig", "RolloutConfig",
+__all__ = ["TrainConfig", "RunConfig", "ModelConfig", "Fp8Config", "ParallelConfig", "DataConfig", "RolloutConfig",
            "OptimConfig", "RewardConfig", "LoggingConfig", "load_config", "check_runnable", "parse_overrides",
            "describe_options"]

@@ -58,13 +58,26 @@ def init_parallel(cfg: TrainConfig):
 def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: bool = True, **build_kwargs: Any):
     """This rank's policy stage: the checkpoint's weights (``load=False``: its architecture with megatron's
     random init), or (``model.tiny``) weights the family draws per tensor from its global name, the same at
-    every TP/PP layout. ``build_kwargs`` go to the family's builder (e.g. the profiler's
-    ``transformer_layer_spec``)."""
+    every TP/PP layout. ``build_kwargs`` go to the family's builder (e.g. the profiler's ``config_overrides``).
+    ``model.fp8`` (:mod:`megatron_rcpa.models.fp8`): Transformer Engine's layer spec, or the decoder's linears'
+    GEMMs through torchao float8 (same parameters and names as BF16)."""
     from megatron_rcpa.models import families
     from megatron_rcpa.models.attention import policy_attention_kwargs
+    from megatron_rcpa.models.fp8 import resolve_fp8
     from megatron_rcpa.models.parallel_knobs import transformer_overrides
 
-    if "transformer_layer_spec" not in build_kwargs:  # (the profiler's FP8 run brings TE's spec)
+    fp8_backend, fp8_recipe = resolve_fp8(cfg.model.fp8)
+    if fp8_backend == "te":  # Transformer Engine's layer spec and FP8 options (the caller's win)
+        from megatron_rcpa.models.fp8 import Fp8Error, te_config_overrides, te_layer_spec
+
+        if load and not cfg.model.tiny:
+            raise Fp8Error(f"model.fp8.backend = 'te' cannot load model.checkpoint = {cfg.model.checkpoint!r}: "
+                           "Transformer Engine's layer spec names its parameters differently from a converted "
+                           "(local-spec) checkpoint; use model.fp8.backend=torchao")
+        build_kwargs.setdefault("transformer_layer_spec", te_layer_spec())
+        build_kwargs["config_overrides"] = {**te_config_overrides(fp8_recipe),
+                                            **(build_kwargs.get("config_overrides") or {})}
+    if "transformer_layer_spec" not in build_kwargs:  # (an FP8 run through TE brings TE's spec)
         build_kwargs = {**policy_attention_kwargs(cfg.model.family, cfg.model.attention), **build_kwargs}
     from megatron_rcpa.train.hf_checkpoint import resolve_dtype
 
@@ -75,11 +88,16 @@ def build_policy(cfg: TrainConfig, hf_config, *, seed_offset: int = 0, load: boo
         family = families.get(cfg.model.family)
         policy = family.build_policy(hf_config, params_dtype=dtype, **build_kwargs)
         family.init_tiny_weights(policy, cfg.run.seed + seed_offset)
-        return policy
-    from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint
+    else:
+        from megatron_rcpa.convert.checkpoint import build_policy_from_checkpoint
 
-    policy, _ = build_policy_from_checkpoint(cfg.model.checkpoint, load=load, params_dtype=dtype, **build_kwargs)
+        policy, _ = build_policy_from_checkpoint(cfg.model.checkpoint, load=load, params_dtype=dtype, **build_kwargs)
+    if fp8_backend == "torchao":  # the decoder's linears run their GEMMs in float8; the weights are unchanged
+        from megatron_rcpa.models.fp8 import enable_torchao_fp8
+
+        enable_torchao_fp8(policy, fp8_recipe)
     return policy
+
 
 
 def enable_vision_recompute(policy: torch.nn.Module, cfg: TrainConfig) -> None:
@@ -176,7 +194,8 @@ def build_step_context(cfg: TrainConfig, groups, tok, hf_config, family, *, stop
     """The pieces one RL step needs, built once from the config: the policy (DDP-wrapped), megatron's
     optimizer, the frozen reference (beta > 0), the rollout engine and the curriculum. The trainer and the
     profiler both build through here. ``stop`` overrides the engine's stop rule (the profiler decodes a fixed
-    number of tokens); ``policy_kwargs`` go to the family's policy builder (the profiler's FP8 layer spec)."""
+    number of tokens); ``policy_kwargs`` go to the family's policy builder (e.g. the profiler's TE FP8 format as
+    ``config_overrides``); ``model.fp8`` is applied by :func:`build_policy`, to the reference model too."""
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
