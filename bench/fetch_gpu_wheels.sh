@@ -26,7 +26,7 @@ done
 
 # Pinned: megatron-core is the version CI tests (README "Dependencies"); liger-kernel only feeds the
 # comparison rows of bench/bench_logprob.py (pure Python + Triton, needs torch and triton: both there).
-WANTED=("megatron-core==0.19.2")
+WANTED=("megatron-core==0.19.2" "torchao==0.18.0")
 if [ "$WITH_LIGER" = 1 ]; then WANTED+=("liger-kernel==0.8.5"); fi
 LIMIT_MIB=64
 

@@ -32,7 +32,10 @@
 #   bench_logprob         bench/bench_logprob.py --no-compile (fused log-prob / RCPA loss kernels vs torch eager,
 #                         megatron, Liger; the torch.compile rows of results/ stay: compiling takes a minute)
 #   fp8_gemm              OPTIONAL (--fp8): bf16 vs FP8 (torch._scaled_mm, rowwise scales) GEMM-only ratio at
-#                         hidden 4096/8192 shapes. The FP8 training profile waits for issue 17's torchao backend.
+#                         hidden 4096/8192 shapes
+#   fp8_bench             OPTIONAL (--fp8): bench/bench_fp8.py (torchao wheel in .whl): GEMM-only and FP8-linear
+#                         ratios, train step at hidden 4096/8192 bf16 vs FP8, 50-step loss curve bf16 vs FP8
+#   profile_anchor_fp8    OPTIONAL (--fp8): profile_anchor with --compare bf16,fp8 --fp8-backend torchao
 #
 # Results: every file under $OUT (at most 8 come back from the device): the summary
 # gpu_session_summary_<card>.json (per item: command, exit code, status, seconds), pytest_ops_<card>.txt,
@@ -68,7 +71,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT" || exit 2
 PY=${PYTHON:-python3}
 ALL_ITEMS=(env prepare ops_pytest bench_rollout rollout_graph_checks profile_vl profile_anchor static_decode_pytest
-           bench_logprob fp8_gemm)
+           bench_logprob fp8_gemm fp8_bench profile_anchor_fp8)
 if [ -n "$ONLY" ]; then
   for it in ${ONLY//,/ }; do
     case " ${ALL_ITEMS[*]} " in *" $it "*) ;; *) echo "gpu_session.sh: --only names '$it'; items: ${ALL_ITEMS[*]}" >&2; exit 2 ;; esac
@@ -203,9 +206,9 @@ LOG="$W/files/gpu_session_$CARD.log"
 exec > >(tee "$LOG") 2>&1
 
 selected() {  # is item $1 to run?
-  [ -z "$ONLY" ] && { [ "$1" != fp8_gemm ] || [ "$FP8" = 1 ]; } && return 0
+  [ -z "$ONLY" ] && { case "$1" in fp8_gemm|fp8_bench|profile_anchor_fp8) [ "$FP8" = 1 ] ;; *) true ;; esac; } && return 0
   case ",$ONLY," in *",$1,"*) return 0 ;; esac
-  if [ "$1" = prepare ]; then case ",$ONLY," in *,profile_vl,*|*,profile_anchor,*) return 0 ;; esac; fi
+  if [ "$1" = prepare ]; then case ",$ONLY," in *,profile_vl,*|*,profile_anchor,*|*,profile_anchor_fp8,*) return 0 ;; esac; fi
   if [ "$1" = rollout_graph_checks ]; then case ",$ONLY," in *,bench_rollout,*) return 0 ;; esac; fi
   return 1
 }
@@ -320,6 +323,14 @@ for m, k, n in ((8192, 4096, 4096), (8192, 4096, 14336), (8192, 8192, 8192), (16
     print(json.dumps(row), flush=True)
 json.dump({'device': torch.cuda.get_device_name(), 'torch': torch.__version__, 'results': res}, open(sys.argv[1], 'w'), indent=1)
 PY"
+
+run_item fp8_bench 240 "$PY bench/bench_fp8.py --out $W/files"
+
+run_item profile_anchor_fp8 240 "$PY tools/profile_throughput.py --config $PREP/profile_anchor.yaml --steps 3 --warmup 1 \
+--prompt-len 1916 --loss-impl triton --compare bf16,fp8 --fp8-backend torchao --fp8-recipe tensorwise \
+--out-dir $W/profile_anchor_fp8 && \
+cp $W/profile_anchor_fp8/profile_throughput.json $W/files/profile_anchor_1_75b_fp8_torchao_$CARD.json && \
+cp $W/profile_anchor_fp8/profile_throughput.png $W/files/profile_anchor_1_75b_fp8_torchao_$CARD.png"
 
 # ------------------------------------------------------------------------------------------ summary + packing
 "$PY" - "$RECORDS" "$W/files/gpu_session_summary_$CARD.json" "$CARD" "$START" "$BUDGET_S" "$DRY_RUN" <<'PY'
