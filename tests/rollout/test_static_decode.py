@@ -105,14 +105,13 @@ def _engines(policy, *, stop, params, banned=(), max_rows=2, seed=5, every=3, vo
     from megatron_rcpa.rollout.static_decode import static_generate_rows
 
     class StaticEngine(RolloutEngine):
-        stop_check_every = every
         vocab_parallel_sampling = vocab_parallel
 
         def _generate_rows(self, prompts, rows, gen, device):
             return static_generate_rows(self, prompts, rows, gen, device)
 
     kw = dict(vocab_size=policy.vocab_size, pad_id=0, stop=stop, params=params, seed=seed, max_rows=max_rows,
-              banned_token_ids=banned)
+              banned_token_ids=banned, stop_check_every=every)
     # the reference: the engine's per-token loop (its default is the static path now)
     return RolloutEngine(policy, decode="reference", **kw), StaticEngine(policy, **kw)
 
