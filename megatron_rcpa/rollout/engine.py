@@ -2,7 +2,8 @@
 
 For each prompt i the engine feeds ``prompt ⊕ y*_{1..k_i}`` (the curriculum's forced prefix) and samples G
 continuations with temperature / top-p until EOS, a stop string or ``max_new_tokens``. Rows are batched
-(left-padded) and decoded incrementally on the policy's KV cache:
+(left-padded) in chunks of whole groups (``max_rows``: a count, or ``auto``: as many as the KV-cache budget of
+:mod:`.budget` holds) and decoded incrementally on the policy's KV cache:
 
 - PP = 1: the policy is called directly (prefill, then one token per step); logits come TP-gathered and
   every TP rank draws the same tokens from a generator seeded by (seed, step, data-parallel rank).

@@ -100,6 +100,9 @@ LENGTH_BUCKET = 64
 #: shape and one graph per batch bucket.
 MAX_GRAPHS = 4
 
+#: A new graph set is allocated only with this multiple of its KV cache free (older sets are dropped first).
+GRAPH_MEMORY_MARGIN = 1.25
+
 RowResult = Tuple[List[int], List[float], bool]
 
 
@@ -350,6 +353,11 @@ class StaticDecoder:
             while len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
             torch.cuda.empty_cache()
+            # and older ones while the new KV cache would not fit (rollout.max_rows = auto sizes it to the memory)
+            need = 2 * self.num_layers * batch * self.groups * length * self.head_dim * dtype.itemsize
+            while self._graphs and torch.cuda.mem_get_info(device)[0] < GRAPH_MEMORY_MARGIN * need:
+                self._graphs.pop(next(iter(self._graphs)))
+                torch.cuda.empty_cache()
             graph = _CapturedStep(self, _State(self, batch, length, max_new, device, dtype), sampler)
         self._graphs[key] = graph  # most recently used last
         return graph
