@@ -23,10 +23,11 @@ LOGP_TOL = 2e-6  # compaction on vs off (fp32)
 EOS = list(range(20, 50))  # ~10% of the vocabulary: rows end at widely different steps
 
 
-def _compare(policy, *, stop, params, banned, ks, group_size, max_rows, step, every=2):
+def _compare(policy, *, stop, params, banned, ks, group_size, max_rows, step, every=2, vocab_parallel=False):
     """(reference rows, compacted rows, uncompacted rows, stats on, stats off)."""
-    ref_e, on_e = _engines(policy, stop=stop, params=params, banned=banned, max_rows=max_rows, every=every)
-    _, off_e = _engines(policy, stop=stop, params=params, banned=banned, max_rows=max_rows, every=every)
+    kw = dict(stop=stop, params=params, banned=banned, max_rows=max_rows, every=every, vocab_parallel=vocab_parallel)
+    ref_e, on_e = _engines(policy, **kw)
+    _, off_e = _engines(policy, **kw)
     on_e.decode_stats, off_e.decode_stats = {}, {}
     off_e.compact = False
     prompts = _prompts(_compare.family, policy)
@@ -47,6 +48,9 @@ def compaction_checks(family, tp_group=None):
     # sampled: EOS, three prompts x G=4 with prefixes of 0 / 2 / 5 tokens; chunks of 8 then 4 rows
     out["eos"] = _compare(policy, stop=StopChecker(EOS), params=SamplingParams(max_new_tokens=MAX_NEW),
                           banned=structural, ks=[0, 2, 5], group_size=4, max_rows=8, step=1)
+    # the same, sampling from each TP rank's logits shard (Gumbel-max over the whole chunk's noise rows)
+    out["eos_vp"] = _compare(policy, stop=StopChecker(EOS), params=SamplingParams(max_new_tokens=MAX_NEW),
+                             banned=structural, ks=[0, 2, 5], group_size=4, max_rows=8, step=1, vocab_parallel=True)
     # stop strings (host checks every 3 tokens), temperature / top-p, banned tokens; one chunk of 12 rows
     stop = StopChecker(EOS, stop_strings=["q"], decode=_decode_text)
     out["stop"] = _compare(policy, stop=stop, params=SamplingParams(temperature=0.8, top_p=0.9,
@@ -78,7 +82,7 @@ def tp2_worker(families):
 
 
 FAMILIES = ("llama", "qwen2_5_vl")
-CASES = ("eos", "stop", "stop8", "greedy")
+CASES = ("eos", "eos_vp", "stop", "stop8", "greedy")
 
 
 def _check(res, tol):
