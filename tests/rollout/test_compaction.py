@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.megatron]
 
 TIMEOUT = 600
 MAX_NEW = 16
-LOGP_TOL = 2e-6  # compaction on vs off (fp32)
+LOGP_TOL = 1e-5  # compaction on vs off (fp32; 5e-7 seen on a CPU, cuBLAS may pick kernels further apart)
 EOS = list(range(20, 50))  # ~10% of the vocabulary: rows end at widely different steps
 
 
