@@ -16,6 +16,13 @@ temperature 1, top-p 1, the Qwen2.5-VL special tokens banned). Per case:
   steps (bf16: a near tie may flip one; the CPU tests check exact equality in fp32);
 * an out-of-memory case is recorded as ``"OOM"`` and the run goes on.
 
+``ragged`` (compaction, issue 12 item 3): batch 64 / 256 of 70-token prompts with random left padding, sampled
+until one of 2% of the vocabulary's ids (EOS: geometric lengths) or 128 tokens, one ``static_generate`` call
+with compaction off and one with it on: ``decode_steps``, ``row_steps_off`` / ``row_steps_on`` (rows decoded
+summed over the steps), ``row_steps_saved``, ``ms_off`` / ``ms_on`` (wall time of the call, prefill and host
+checks included), ``tokens_equal`` (bf16 on a GPU: a near tie may flip one), ``compactions`` ((step, from, to)).
+With ``--quick`` these are CPU numbers of a tiny model (``env.device`` says so).
+
 JSON goes to ``$OUT/bench_rollout_<device>.json`` (``$OUT`` defaults to ./bench/results/local).
 
     python bench/bench_rollout.py                 # on a GPU: the full shapes
@@ -41,6 +48,9 @@ CUDA = torch.cuda.is_available()
 
 FULL = dict(batches=(64, 128, 256), prompts=(70, 1024), steps=32, warmup=4)
 QUICK = dict(batches=(2, 4), prompts=(6, 12), steps=4, warmup=1)
+# the ragged case: rows of different prompt lengths ending at different steps (EOS = this share of the vocabulary)
+RAGGED_FULL = dict(batches=(64, 256), prompt=70, max_new=128, eos_fraction=0.02)
+RAGGED_QUICK = dict(batches=(8,), prompt=12, max_new=16, eos_fraction=0.1)
 
 
 def sync():
@@ -184,7 +194,9 @@ def new_path(policy, ids, mask, banned, steps: int, warmup: int):
     if CUDA:
         graph = dec.graph_for(b, length, max_new, device, dtype, sampler)
         state, sampler = graph.state, graph.sampler
-        step = graph.replay
+
+        def step():
+            graph.replay(b)
     else:
         state = _State(dec, b, length, max_new, device, dtype)
 
@@ -219,10 +231,63 @@ def new_e2e(policy, ids, mask, banned, steps: int):
     return (time.perf_counter() - t0) * 1e3 / steps
 
 
+def ragged(policy, banned, batch: int, prompt: int, max_new: int, eos_fraction: float):
+    """Compaction on vs off, one ``static_generate`` call each (after a warm-up / capture call): rows of
+    different prompt lengths (left padding), sampled at temperature 1 until an EOS id (``eos_fraction`` of the
+    vocabulary: geometric lengths) or ``max_new``. Reports the decode steps, the rows decoded summed over them
+    (``row_steps``: what compaction cuts), the wall time of each call and whether the tokens agree."""
+    from megatron_rcpa.rollout.static_decode import static_generate
+
+    device = next(policy.parameters()).device
+    ids, mask = prompts_for(policy, batch, prompt, seed=2)
+    pads = torch.randint(0, prompt // 2, (batch,), generator=torch.Generator().manual_seed(3))
+    for r, k in enumerate(pads.tolist()):
+        ids[r, :k], mask[r, :k] = 0, 0
+    n_eos = max(1, int(eos_fraction * policy.vocab_size))
+    eos = [t for t in range(10, policy.vocab_size) if t not in set(banned)][:n_eos]
+    row = {"case": "ragged", "batch": batch, "prompt": prompt, "max_new": max_new, "eos_ids": len(eos)}
+    tokens = {}
+    for compact in (False, True):
+        name = "on" if compact else "off"
+
+        def run(stats=None, compact=compact):
+            gen = torch.Generator(device=device).manual_seed(0)
+            return static_generate(policy, ids, mask, max_new_tokens=max_new, banned_ids=banned, eos_ids=eos,
+                                   pad_id=0, vocab_size=policy.vocab_size, generator=gen, compact=compact,
+                                   stats=stats)
+
+        try:
+            run()  # capture / warm-up
+            stats = {}
+            sync()
+            t0 = time.perf_counter()
+            out = run(stats)
+            sync()
+        except torch.OutOfMemoryError:
+            row[f"ms_{name}"] = "OOM"
+            continue
+        row[f"ms_{name}"] = (time.perf_counter() - t0) * 1e3
+        row[f"row_steps_{name}"] = stats["row_steps"]
+        row["decode_steps"] = stats["decode_steps"]
+        if compact:
+            row["compactions"] = stats["compactions"]
+        tokens[name] = [g for g, _lp, _f in out]
+        row["mean_length"] = sum(len(g) for g in tokens[name]) / batch
+        if CUDA:
+            torch.cuda.empty_cache()
+    if len(tokens) == 2:
+        row["tokens_equal"] = tokens["on"] == tokens["off"]
+        row["row_steps_saved"] = 1 - row["row_steps_on"] / row["row_steps_off"]
+        row["speedup"] = row["ms_off"] / row["ms_on"]
+    return row
+
+
 def graph_checks(policy, banned):
     """The captured decode step against the same step run eagerly: greedy and fixed-seed sampled tokens
     (identical kernels and generator draws, so they must match exactly), and the caller's generator state
-    handed back. CUDA only."""
+    handed back; ``sampled_compacted``: rows ending at different steps, eager without / with compaction and the
+    graphs with compaction (captured, then cached): same tokens and generator state, and it did compact
+    (``compacted``). CUDA only."""
     from megatron_rcpa.rollout.static_decode import static_generate
 
     device = next(policy.parameters()).device
@@ -237,6 +302,20 @@ def graph_checks(policy, banned):
             runs.append(([g for g, _lp, _f in rows], gen.get_state().tolist()))
         out["greedy" if greedy else "sampled"] = {"tokens_equal": runs[0][0] == runs[1][0] == runs[2][0],
                                                   "generator_state_equal": runs[0][1] == runs[1][1] == runs[2][1]}
+    # rows ending at different steps (EOS = 5% of the vocabulary): compaction through the bucket graphs
+    ids, mask = prompts_for(policy, 8, 70, seed=4)
+    eos = [t for t in range(10, policy.vocab_size) if t not in set(banned)][: policy.vocab_size // 20]
+    runs = []
+    for graph, compact in ((False, False), (False, True), (True, True), (True, True)):
+        gen = torch.Generator(device=device).manual_seed(5)
+        stats = {}
+        rows = static_generate(policy, ids, mask, max_new_tokens=40, banned_ids=banned, eos_ids=eos, pad_id=0,
+                               vocab_size=policy.vocab_size, generator=gen, use_cuda_graph=graph, compact=compact,
+                               stats=stats)
+        runs.append(([g for g, _lp, _f in rows], gen.get_state().tolist(), stats["compactions"]))
+    out["sampled_compacted"] = {"tokens_equal": all(r[0] == runs[0][0] for r in runs),
+                                "generator_state_equal": all(r[1] == runs[0][1] for r in runs),
+                                "compacted": bool(runs[2][2])}  # booleans only: gpu_session.sh checks each
     return out
 
 
@@ -280,7 +359,13 @@ def bench(args):
             print(json.dumps({k: v for k, v in row.items() if not k.startswith("greedy")}), flush=True)
             if CUDA:
                 torch.cuda.empty_cache()
-    return {"copy_bandwidth_Bps": bw, "graph_checks": checks, "results": results}
+    rag = RAGGED_QUICK if args.quick else RAGGED_FULL
+    ragged_rows = []
+    for batch in rag["batches"]:
+        row = ragged(policy, banned, batch, rag["prompt"], rag["max_new"], rag["eos_fraction"])
+        ragged_rows.append(row)
+        print(json.dumps(row), flush=True)
+    return {"copy_bandwidth_Bps": bw, "graph_checks": checks, "results": results, "ragged": ragged_rows}
 
 
 def _fmt(v):
@@ -308,6 +393,14 @@ def main(argv=None) -> int:
         print(f"{r['batch']:>6} {r['prompt']:>6} {_fmt(r.get('old_ms')):>9} {_fmt(r.get('new_ms')):>9} "
               f"{_fmt(r.get('new_e2e_ms')):>9} {_fmt(r.get('floor_weights_ms', '-')):>7} "
               f"{_fmt(r.get('floor_kv_ms', '-')):>8} {_fmt(r.get('speedup', '-')):>8} {str(r.get('tokens_equal')):>6}")
+    where = "GPU" if CUDA else "CPU (not a GPU number)"
+    print(f"ragged rows, compaction off vs on, on {where}:")
+    print(f"{'batch':>6} {'steps':>6} {'rows x steps off':>17} {'on':>8} {'saved':>6} {'ms off':>9} {'ms on':>9} "
+          f"{'equal':>6}")
+    for r in out["ragged"]:
+        print(f"{r['batch']:>6} {r.get('decode_steps', '-'):>6} {r.get('row_steps_off', '-'):>17} "
+              f"{r.get('row_steps_on', '-'):>8} {_fmt(r.get('row_steps_saved', '-')):>6} {_fmt(r.get('ms_off')):>9} "
+              f"{_fmt(r.get('ms_on')):>9} {str(r.get('tokens_equal')):>6}")
     os.makedirs(args.out, exist_ok=True)
     name = re.sub(r"[^A-Za-z0-9]+", "_", env["device"].split(" (")[0].replace("NVIDIA ", "")).strip("_")
     path = os.path.join(args.out, f"bench_rollout_{name}.json")

@@ -30,7 +30,7 @@ PLANNER_KEYS: Dict[str, Any] = {
     "parallel.sequence_parallel": False,
     "parallel.num_layers_in_first_pipeline_stage": None,
     "parallel.num_layers_in_last_pipeline_stage": None,
-    "rollout.max_rows": None,  # None: the rollout engine's default chunk
+    "rollout.max_rows": None,  # None: the rollout engine's default chunk (auto: what the KV-cache budget holds)
     "model.recompute_granularity": None,
     "model.recompute_method": None,
     "model.recompute_num_layers": None,
@@ -148,12 +148,12 @@ def plan_dtype(model, hf_config: Any) -> str:
     return dtype_of_hf_config(hf_config if isinstance(hf_config, dict) else hf_config.to_dict())
 
 
-def _engine_max_rows() -> int:
+def _engine_max_rows():
     import inspect
 
     from megatron_rcpa.rollout.engine import RolloutEngine
 
-    return int(inspect.signature(RolloutEngine.__init__).parameters["max_rows"].default)
+    return inspect.signature(RolloutEngine.__init__).parameters["max_rows"].default  # an int or "auto"
 
 
 def plan_from_config(cfg, values: Dict[str, Any], *, hf_config: Optional[str] = None, gpu: str = "h100-80gb",
@@ -208,8 +208,7 @@ def plan_from_config(cfg, values: Dict[str, Any], *, hf_config: Optional[str] = 
     prompt_len = prompt_tokens + prefix_tokens
     train_len = -(-(prompt_len + cfg.rollout.max_new_tokens) // 8) * 8  # pack_rollouts pads to a multiple of 8
     max_rows = values.get("rollout.max_rows") or _engine_max_rows()
-    chunk = max(g, (max_rows // g) * g)  # the engine decodes whole groups
-    rollout_rows = min(chunk, rows_per_rank)
+    rollout_rows = rows_per_rank if max_rows == "auto" else min(max(g, (max_rows // g) * g), rows_per_rank)
     mem = gpu_mem_gb * GiB if gpu_mem_gb else GPUS[gpu]
     inp = PlanInputs(
         shape=shape, tp=tp, pp=pp, dp=dp, dtype=plan_dtype(cfg.model, hf),
@@ -223,7 +222,21 @@ def plan_from_config(cfg, values: Dict[str, Any], *, hf_config: Optional[str] = 
         max_new_tokens=cfg.rollout.max_new_tokens, images_per_row=images_per_prompt, image_tokens=image_tokens,
         rollout_rows=rollout_rows, reference=cfg.rcpa.loss.beta > 0, gpu_mem_bytes=mem,
         vision_recompute=bool(values["model.vision_recompute"]), freeze_vision=bool(values["model.freeze_vision"]))
-    return plan_memory(inp), notes
+    plan = plan_memory(inp)
+    if max_rows == "auto":  # as the engine sizes it: rows whose KV cache fits the budget, whole groups
+        from megatron_rcpa.rollout.budget import GB, KV_FREE_FRACTION
+
+        kv_gb = getattr(cfg.rollout, "kv_cache_gb", None)
+        fit = min(int((kv_gb * GB if kv_gb is not None else KV_FREE_FRACTION * (mem - st.resident))
+                      // (st.kv_cache / rollout_rows)) for st in plan.stages if st.kv_cache > 0)
+        chunk = min(max(g, (fit // g) * g), rows_per_rank)
+        budget = (f"rollout.kv_cache_gb = {kv_gb:g}" if kv_gb is not None else
+                  f"{KV_FREE_FRACTION:g} x the memory left after weights, grads and optimizer")
+        notes.append(f"rollout.max_rows = auto: {fit} rows fit the KV-cache budget ({budget}); chunks of {chunk} "
+                     f"rows{' (fewer than one group: the engine would refuse)' if fit < g else ''}")
+        if chunk != rollout_rows:
+            plan = plan_memory(dataclasses.replace(inp, rollout_rows=chunk))
+    return plan, notes
 
 
 # ----------------------------------------------------------------------------------------------- output

@@ -41,7 +41,8 @@ checkpointing of its blocks, and ``model.freeze_vision``) and the last stage the
 **Rollout** (decoding on the training policy; not at the same time as training activations):
 
 - KV cache: ``rows x (prompt + max_new_tokens) x layers-on-stage x 2 x max(g/t, 1) x d x e``, ``rows`` the
-  rollout engine's chunk (``rollout.max_rows``, default the engine's, rounded to whole groups);
+  rollout engine's chunk (``rollout.max_rows`` rounded to whole groups; ``auto``, the default: the rows whose KV
+  cache fits ``rollout.kv_cache_gb``, else 0.5 x the memory left after weights, grads and optimizer);
 - prefill logits on the last stage: the decode path gathers the logits over TP and megatron materialises every
   position: ``rows x prompt x V`` in ``e`` for the gathered tensor and again for the padded-vocabulary mask,
   plus the local ``V/t`` shard;

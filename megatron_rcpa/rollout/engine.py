@@ -2,7 +2,8 @@
 
 For each prompt i the engine feeds ``prompt ⊕ y*_{1..k_i}`` (the curriculum's forced prefix) and samples G
 continuations with temperature / top-p until EOS, a stop string or ``max_new_tokens``. Rows are batched
-(left-padded) and decoded incrementally on the policy's KV cache:
+(left-padded) in chunks of whole groups (``max_rows``: a count, or ``auto``: as many as the KV-cache budget of
+:mod:`.budget` holds) and decoded incrementally on the policy's KV cache:
 
 - PP = 1: the policy is called directly (prefill, then one token per step); logits come TP-gathered and
   every TP rank draws the same tokens from a generator seeded by (seed, step, data-parallel rank).
@@ -20,7 +21,7 @@ and :class:`~megatron_rcpa.models.text_lm.TextLMPolicy`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, List, Optional, Sequence
+from typing import Hashable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -47,13 +48,28 @@ class SamplingParams:
 
 
 class RolloutEngine:
+    """``max_rows``: rows decoded together (chunks of whole groups): an int, or ``"auto"`` (the default) for as
+    many as a KV-cache budget holds (:mod:`.budget`: ``kv_cache_gb`` GB when given, else a share of the GPU's
+    free memory measured here, or a fixed CPU default). ``compact``: the static path drops finished rows from
+    the batch at its host checks (same rollouts either way). ``decode_stats``: set it to a dict to collect the
+    static path's counters (decode steps, rows decoded, compactions)."""
+
     def __init__(self, policy, *, vocab_size: int, pad_id: int, stop: StopChecker, params: SamplingParams,
-                 seed: int = 0, max_rows: int = 64, banned_token_ids: Sequence[int] = (), groups=None,
-                 decode: str = "static", stop_check_every: int = 8, pp_microbatches: Optional[int] = None) -> None:
+                 seed: int = 0, max_rows: Union[int, str] = "auto", banned_token_ids: Sequence[int] = (), groups=None,
+                 decode: str = "static", stop_check_every: int = 8, kv_cache_gb: Optional[float] = None,
+                 compact: bool = True, pp_microbatches: Optional[int] = None) -> None:
         if decode not in ("static", "reference"):
             raise ValueError(f"RolloutEngine decode = {decode!r}: expected 'static' or 'reference'")
         if pp_microbatches is not None and int(pp_microbatches) < 1:
             raise ValueError(f"RolloutEngine pp_microbatches = {pp_microbatches!r}: expected None (= PP) or >= 1")
+        if max_rows != "auto" and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
+            raise ValueError(f"RolloutEngine max_rows = {max_rows!r}: expected 'auto' or an integer >= 1")
+        if kv_cache_gb is not None:
+            if max_rows != "auto":
+                raise ValueError(f"RolloutEngine kv_cache_gb = {kv_cache_gb!r} sizes max_rows = 'auto' only; "
+                                 f"max_rows = {max_rows!r}")
+            if isinstance(kv_cache_gb, bool) or not isinstance(kv_cache_gb, (int, float)) or not kv_cache_gb > 0:
+                raise ValueError(f"RolloutEngine kv_cache_gb = {kv_cache_gb!r}: expected a number > 0 (GB)")
         # static: rollout/static_decode.py (PP = 1), rollout/static_pipeline.py (PP > 1); reference: the loop below
         self.decode = decode
         self.pp_microbatches = None if pp_microbatches is None else int(pp_microbatches)
@@ -65,11 +81,43 @@ class RolloutEngine:
         self.stop = stop
         self.params = params
         self.seed = int(seed)
-        self.max_rows = int(max_rows)
+        self.max_rows = max_rows if max_rows == "auto" else int(max_rows)
+        self.compact = bool(compact)
+        self.decode_stats: Optional[dict] = None
+        self.kv_budget: Optional[Tuple[int, str]] = None  # (bytes, how chosen) of max_rows = auto
+        if max_rows == "auto":
+            from .budget import GB, default_kv_budget
+
+            # measured now: after the model and optimizer exist, before any rollout (same in a resumed run)
+            self.kv_budget = ((int(kv_cache_gb * GB), f"rollout.kv_cache_gb = {kv_cache_gb:g}")
+                              if kv_cache_gb is not None else default_kv_budget(self._device()))
+        self._auto_rows_logged: dict = {}
         # Never sampled: image/video placeholders and other structural tokens would make the sequence
         # ill-formed for the policy's forward (an image token without an image). Masking them shifts the
         # sampling distribution slightly; the logged rollout-vs-training log-prob mismatch shows by how much.
         self.banned = sorted({int(t) for t in banned_token_ids})
+
+    def chunk_rows(self, widths: Sequence[int], group_size: int) -> int:
+        """Rows per chunk for rows of these prompt (⊕ prefix) widths: whole groups, at least one group."""
+        max_rows = self.max_rows
+        if max_rows == "auto":
+            from .budget import cache_length, rows_for_budget
+
+            length = cache_length(max(widths, default=1), self.params.max_new_tokens,
+                                  "static" if self.decode == "static" and self.groups.pp_size == 1 else "reference")
+            mp = self.groups.mp_group if self.groups.tp_size * self.groups.pp_size > 1 else None
+            budget, how = self.kv_budget
+            max_rows = rows_for_budget(self.policy, length, budget, mp)
+            if max_rows < group_size:
+                raise ValueError(f"rollout.max_rows = auto: the KV-cache budget ({budget / 1e9:.3f} GB: {how}) holds "
+                                 f"{max_rows} row(s) of {length} positions, fewer than one group of "
+                                 f"rcpa.group_size = {group_size}; raise rollout.kv_cache_gb or set rollout.max_rows")
+            if self._auto_rows_logged.get(length) != max_rows:
+                self._auto_rows_logged[length] = max_rows
+                if self.groups.rank == 0:
+                    print(f"[rcpa] rollout.max_rows = auto: {max_rows} rows of {length} cache positions fit the "
+                          f"KV-cache budget of {budget / 1e9:.3f} GB ({how})", flush=True)
+        return max(group_size, (max_rows // group_size) * group_size)
 
     # ------------------------------------------------------------------------------------------ public
     @torch.no_grad()
@@ -86,7 +134,7 @@ class RolloutEngine:
         device = self._device()
         gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step * 1_009 + dp_rank)
         out: List[Rollout] = []
-        chunk = max(group_size, (self.max_rows // group_size) * group_size)
+        chunk = self.chunk_rows([len(prompts[i].prompt_ids) + len(prefix) for i, prefix in rows], group_size)
         was_training = self.policy.training
         self.policy.eval()  # inference mode (megatron 0.16's KV-cache path requires it without TE)
         try:

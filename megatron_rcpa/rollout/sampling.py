@@ -50,11 +50,19 @@ def sample_next_tokens(
     generator: Optional[torch.Generator] = None,
     tp_group=None,
     vocab_size: Optional[int] = None,
+    noise_rows: Optional[int] = None,
+    row_ids: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from ``logits`` ``[B, V_local]`` (vocab-parallel when ``tp_group`` is given).
 
     Returns ``(tokens [B] int64, logp [B] float32)`` with logp = log softmax(logits / T)[token] over the
     real vocabulary (``vocab_size`` drops Megatron's padded columns).
+
+    ``noise_rows`` / ``row_ids`` (together): the rows are a subset of a batch of ``noise_rows`` rows, row ``r``
+    being row ``row_ids[r]`` of it (the static decoder after dropping finished rows). The draw is then the one
+    ``torch.multinomial`` makes for the whole batch (for one sample it draws ``E ~ Exp(1)`` of the probabilities'
+    shape and returns ``argmax(p / E)``), of which each row reads its own row of ``E``: tokens and the
+    generator's state are those of sampling the full batch, whichever rows are still present.
     """
     if logits.dim() != 2:
         raise ValueError(f"sample_next_tokens: logits must be [B, V_local], got shape {tuple(logits.shape)}")
@@ -70,8 +78,15 @@ def sample_next_tokens(
         tokens = logprobs.argmax(dim=-1)
     else:
         probs = top_p_filter(logprobs, top_p).exp()
-        # multinomial draws on the CPU generator's device; keep generator and probs on one device
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if row_ids is None:
+            # multinomial draws on the CPU generator's device; keep generator and probs on one device
+            tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        else:
+            if noise_rows is None:
+                raise ValueError("sample_next_tokens: row_ids needs noise_rows (the full batch's row count)")
+            noise = torch.empty((int(noise_rows), probs.shape[-1]), dtype=probs.dtype, device=probs.device)
+            noise.exponential_(generator=generator)
+            tokens = (probs / noise.index_select(0, row_ids)).argmax(dim=-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
 
 

@@ -21,6 +21,8 @@ Contract (one chunk of rows, the same as ``RolloutEngine._generate_rows`` comput
         greedy=False,                   # argmax instead of sampling (tests)
         vocab_parallel_sampling=False,  # top_p = 1 only: draw from each rank's logits shard (Gumbel-max) with
                                         # [B]-sized collectives instead of gathering [B, V] logits
+        compact=True,                   # move live rows to smaller batch buckets at host checks
+        stats=None,                     # optional dict: decode_steps, row_steps, compactions, ... added
     ) -> list of (generated_tokens: list[int], rollout_logp: list[float], finished: bool), one per row
 
 :func:`static_generate_rows` wraps it with ``RolloutEngine._generate_rows``' exact signature and return
@@ -49,13 +51,23 @@ early), but:
   features (scattered by the policy's own ``_embed_with_images``; :func:`static_generate_rows` does this);
 * sampling stays on the device (:func:`~megatron_rcpa.rollout.sampling.sample_next_tokens`, the function the
   reference calls, on the TP-gathered last-position logits); EOS and the finished state are device tensors;
-  finished rows are fed ``pad_id`` (as in the reference) and cost the same compute (no compaction yet);
+  finished rows are fed ``pad_id`` (as in the reference);
 * the host looks at the tokens every ``stop_check_every`` steps and at the end (stop strings: the first
   length at which ``stop_check`` holds, searched only when it holds for the whole completion so far, i.e.
-  assuming a stop string, once decoded, stays in the text; all rows done: stop early);
+  assuming a stop string, once decoded, stays in the text; rows that ended on EOS since the last check are
+  searched too; all rows done: stop early);
+* compaction (``compact=True``, the default): at a host check, when the live rows fit a smaller batch bucket
+  (:func:`batch_buckets`: the chunk's size, then the powers of two below it), they are gathered into the first
+  slots of the same storage (KV cache, key mask, positions, inputs, finished state; one device gather per
+  buffer) and decoding goes on at that bucket, with its own captured graph, so finished rows stop costing
+  compute. Never a per-token sync: only at the host checks. The random draw does not depend on which rows are
+  left: every step still draws the whole chunk's ``[B, V]`` exponentials (the draw ``torch.multinomial`` makes)
+  and each row reads its own row of them, so tokens and the generator's state are those without compaction
+  (log-probs agree to rounding: a GEMM's result for a row can change with the number of rows multiplied);
 * on CUDA (``use_cuda_graph`` default: ``torch.cuda.is_available()``) the decode step (all layers, output
   layer, TP gather, sampling, bookkeeping) is captured once per (batch size, cache length, weight storage)
-  in a ``torch.cuda.CUDAGraph`` and replayed; on a CPU it runs eagerly. The graph path has not run yet (no
+  in a ``torch.cuda.CUDAGraph`` per batch bucket (all on one storage, sharing one memory pool) and
+  replayed; on a CPU it runs eagerly. The graph path has not run yet (no
   GPU where it was written): :mod:`bench.bench_rollout` exercises it.
 
 With ``vocab_parallel_sampling=True`` (top-p = 1) the TP ranks sample from their own logits shards
@@ -63,7 +75,9 @@ With ``vocab_parallel_sampling=True`` (top-p = 1) the TP ranks sample from their
 [B]-sized collectives) instead of gathering ``[B, V]`` logits every step.
 
 Not covered here: pipeline parallelism (PP > 1 raises here; :mod:`.static_pipeline` runs the same
-:class:`StaticDecoder` layers per stage with micro-batches), sequence parallelism, refilling finished rows.
+:class:`StaticDecoder` layers per stage with micro-batches, without compaction), sequence parallelism, refilling
+freed slots with waiting rows (the next chunk's rows would draw from a different generator state than without
+refill).
 """
 
 from __future__ import annotations
@@ -77,15 +91,19 @@ import torch.nn.functional as F
 
 from .sampling import sample_next_tokens
 
-__all__ = ["LENGTH_BUCKET", "MAX_GRAPHS", "StaticDecoder", "decoder_for", "shared_image_embed", "static_generate",
-           "static_generate_rows"]
+__all__ = ["LENGTH_BUCKET", "MAX_GRAPHS", "StaticDecoder", "batch_buckets", "decoder_for", "shared_image_embed",
+           "static_generate", "static_generate_rows"]
 
 #: Cache lengths are rounded up to a multiple of this, so that chunks with slightly different prompt widths
 #: share one CUDA graph (extra columns are masked keys).
 LENGTH_BUCKET = 64
 
-#: CUDA graphs kept per decoder (least recently used dropped first); each owns the KV cache of its shape.
+#: Captured graph sets kept per decoder (least recently used dropped first); each owns the KV cache of its
+#: shape and one graph per batch bucket.
 MAX_GRAPHS = 4
+
+#: A new graph set is allocated only with this multiple of its KV cache free (older sets are dropped first).
+GRAPH_MEMORY_MARGIN = 1.25
 
 RowResult = Tuple[List[int], List[float], bool]
 
@@ -355,6 +373,11 @@ class StaticDecoder:
             while len(self._graphs) >= MAX_GRAPHS:
                 self._graphs.pop(next(iter(self._graphs)))
             torch.cuda.empty_cache()
+            # and older ones while the new KV cache would not fit (rollout.max_rows = auto sizes it to the memory)
+            need = 2 * self.num_layers * batch * self.groups * length * self.head_dim * dtype.itemsize
+            while self._graphs and torch.cuda.mem_get_info(device)[0] < GRAPH_MEMORY_MARGIN * need:
+                self._graphs.pop(next(iter(self._graphs)))
+                torch.cuda.empty_cache()
             graph = _CapturedStep(self, _State(self, batch, length, max_new, device, dtype), sampler)
         self._graphs[key] = graph  # most recently used last
         return graph
@@ -425,11 +448,41 @@ def shared_image_embed(policy, input_ids: torch.Tensor, pixel_values: torch.Tens
     return policy._embed_with_images(input_ids, image_id, pixel_values, features, strict=True), row_grids
 
 
+def batch_buckets(batch: int) -> List[int]:
+    """The batch sizes a chunk of ``batch`` rows decodes at: ``batch`` itself, then every power of two below it
+    (compaction moves the live rows to the smallest bucket that holds them; one CUDA graph per bucket)."""
+    out, n = [int(batch)], 1
+    while n < batch:
+        n *= 2
+    n //= 2
+    while n >= 1:
+        if n < batch:
+            out.append(n)
+        n //= 2
+    return out
+
+
+def _bucket_for(live: int, batch: int) -> int:
+    """The smallest bucket of :func:`batch_buckets` (``batch``) that holds ``live`` rows."""
+    return min(n for n in batch_buckets(batch) if n >= max(live, 1))
+
+
 class _State:
-    """Static device buffers of one chunk: KV cache, key mask, per-row slot / position, outputs."""
+    """Static device buffers of one chunk of ``rows`` rows: KV cache, key mask, per-slot position / input /
+    finished state, and the outputs.
+
+    The batch is made of *slots*: slot ``s`` holds original row ``row_id[s]``. Per-slot buffers (KV cache,
+    ``valid``, ``col``, ``rope_pos``, ``tok_in``, ``done``, ``lengths``, ``row_id``) are read by the decode step
+    for slots ``0 .. batch-1``; :meth:`compact` moves chosen slots to the front and returns the view of the
+    first ``n`` slots (same storage: no new KV cache). The outputs ``tokens`` / ``logps`` are indexed by
+    original row and never move.
+    """
+
+    SLOT_BUFFERS = ("valid", "col", "rope_pos", "tok_in", "done", "lengths", "row_id")
 
     def __init__(self, dec: StaticDecoder, batch: int, length: int, max_new: int, device, dtype) -> None:
-        self.batch, self.length, self.max_new = batch, length, max_new
+        self.batch = self.rows = batch
+        self.length, self.max_new = length, max_new
         shape = (batch, dec.groups, length, dec.head_dim)
         self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(dec.num_layers)]
         self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(dec.num_layers)]
@@ -437,22 +490,53 @@ class _State:
         self.col = torch.zeros(batch, dtype=torch.long, device=device)
         self.rope_pos = torch.zeros(batch, dtype=torch.long, device=device)
         self.tok_in = torch.zeros(batch, dtype=torch.long, device=device)
-        self.t = torch.zeros((), dtype=torch.long, device=device)  # index of the next token to record
         self.done = torch.zeros(batch, dtype=torch.bool, device=device)
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        self.row_id = torch.arange(batch, dtype=torch.long, device=device)
+        self.t = torch.zeros((), dtype=torch.long, device=device)  # index of the next token to record
         self.tokens = torch.zeros(batch, max_new + 1, dtype=torch.long, device=device)  # +1: overflow column
         self.logps = torch.zeros(batch, max_new + 1, dtype=torch.float32, device=device)
         # RoPE positions never exceed the cache length (text: the column; MRoPE: max position + 1 <= width)
         self.table = dec.rope_table(length, device, dtype)
+        self.base = self
+
+    def narrow(self, n: int) -> _State:
+        """The view of slots ``0 .. n-1`` (shares every buffer with the storage)."""
+        base = self.base
+        if not 1 <= n <= base.batch:
+            raise ValueError(f"_State.narrow: {n} slots of a storage of {base.batch}")
+        view = object.__new__(_State)
+        view.__dict__.update(base.__dict__)
+        view.batch = n
+        view.k, view.v = [k[:n] for k in base.k], [v[:n] for v in base.v]
+        for name in self.SLOT_BUFFERS:
+            setattr(view, name, getattr(base, name)[:n])
+        return view
+
+    def compact(self, keep: Sequence[int]) -> _State:
+        """Slots ``keep`` (of this view, in that order) moved to slots ``0 .. len(keep)-1``; returns that view.
+        One gather per buffer (the KV cache layer by layer), on the device."""
+        base, n = self.base, len(keep)
+        idx = torch.tensor(list(keep), dtype=torch.long, device=self.col.device)
+        for name in self.SLOT_BUFFERS:
+            getattr(base, name)[:n].copy_(getattr(self, name).index_select(0, idx))
+        for src, dst in zip(self.k + self.v, base.k + base.v):
+            dst[:n].copy_(src.index_select(0, idx))
+        return base.narrow(n)
 
     def reset(self) -> None:
-        for buf in (self.valid, self.col, self.rope_pos, self.tok_in, self.t, self.done, self.lengths, self.tokens,
-                    self.logps):
+        base = self.base
+        for buf in (base.valid, base.col, base.rope_pos, base.tok_in, base.t, base.done, base.lengths, base.tokens,
+                    base.logps):
             buf.zero_()
+        base.row_id.copy_(torch.arange(base.batch, device=base.row_id.device))
 
 
 class _Sampler:
-    """Sampling + bookkeeping of one step, device-only (same processed distribution as the reference)."""
+    """Sampling + bookkeeping of one step, device-only (same processed distribution as the reference).
+
+    The random draw is the one of the whole chunk (``batch`` rows) whatever slots remain: each slot reads the
+    noise row of its original row (``state.row_id``), so dropping finished rows changes no token."""
 
     def __init__(self, *, batch: int, vocab_size: int, temperature: float, top_p: float, greedy: bool,
                  banned_ids: Sequence[int], eos_ids: Sequence[int], pad_id: int, generator, device,
@@ -461,6 +545,7 @@ class _Sampler:
             raise ValueError(f"static_generate: temperature = {temperature} must be > 0 (or greedy=True)")
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"static_generate: top_p = {top_p} must be in (0, 1]")
+        self.rows = int(batch)
         self.vocab_size, self.temperature, self.top_p, self.greedy = int(vocab_size), float(temperature), \
             float(top_p), bool(greedy)
         self.generator = generator
@@ -488,27 +573,29 @@ class _Sampler:
         self.key = (self.vocab_size, self.temperature, self.top_p, self.greedy, tuple(banned),
                     tuple(self.eos.tolist()), self.pad_id, self.sharded)
 
-    def sample(self, logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, logits: torch.Tensor, row_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if self.sharded:
             from .vocab_parallel_sampling import sample_vocab_parallel
 
             return sample_vocab_parallel(logits, vocab_start=self.vocab_start, vocab_size=self.vocab_size,
                                          temperature=self.temperature, greedy=self.greedy, generator=self.generator,
                                          masked=self.local_banned if self.any_banned else None,
-                                         tp_group=self.tp_group)
+                                         tp_group=self.tp_group, noise_rows=self.rows, row_ids=row_ids)
         if self.any_banned:
             logits = logits.masked_fill(self.banned, float("-inf"))
         if self.greedy:
             return sample_next_tokens(logits, temperature=1.0, greedy=True)
-        return sample_next_tokens(logits, temperature=self.temperature, top_p=self.top_p, generator=self.generator)
+        return sample_next_tokens(logits, temperature=self.temperature, top_p=self.top_p, generator=self.generator,
+                                  noise_rows=self.rows, row_ids=row_ids)
 
     def sample_and_record(self, state: _State, logits: torch.Tensor) -> None:
-        tok, lp = self.sample(logits)
+        tok, lp = self.sample(logits, state.row_id)
         live = ~state.done
-        # rows still going record at column t; finished rows write the overflow column (never read)
-        col = torch.where(live, state.t, state.max_new).view(-1, 1)
-        state.tokens.scatter_(1, col, tok.view(-1, 1))
-        state.logps.scatter_(1, col, lp.view(-1, 1))
+        # rows still going record at column t of their original row; finished ones write the overflow column
+        col = torch.where(live, state.t, state.max_new)
+        flat = state.row_id * (state.max_new + 1) + col
+        state.tokens.view(-1).scatter_(0, flat, tok)
+        state.logps.view(-1).scatter_(0, flat, lp)
         state.lengths.add_(live.long())
         state.done.logical_or_(live & torch.isin(tok, self.eos))
         state.tok_in.copy_(torch.where(state.done, torch.full_like(tok, self.pad_id), tok))
@@ -516,26 +603,36 @@ class _Sampler:
 
 
 class _CapturedStep:
-    """One decode step captured in a CUDA graph on static buffers (CUDA only; not yet run: no GPU here)."""
+    """The decode step captured in CUDA graphs on one storage (:class:`_State`), one graph per batch bucket
+    (:func:`batch_buckets`: the chunk, then the powers of two compaction moves to); the graphs share the
+    storage, the sampler, its generator (owned here) and one memory pool (they never run concurrently and
+    hand nothing to each other outside the static buffers). CUDA only; not yet run: no GPU where it was written."""
 
     def __init__(self, dec: StaticDecoder, state: _State, sampler: _Sampler) -> None:
         self.state = state
         self.sampler = sampler
-        sampler.generator = torch.Generator(device=state.tokens.device)  # owned by the graph
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up (allocations, lazy inits) outside the graph
-            for _ in range(2):
-                dec.step(state, sampler)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        self.graph.register_generator_state(sampler.generator)
-        with torch.cuda.graph(self.graph):
-            dec.step(state, sampler)
+        sampler.generator = torch.Generator(device=state.tokens.device)  # owned by the graphs
+        self.graphs: Dict[int, torch.cuda.CUDAGraph] = {}
+        pool = None
+        for n in batch_buckets(state.batch):
+            view = state if n == state.batch else state.narrow(n)
+            state.reset()  # warm-up steps write cache columns / token slots from a clean state
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):  # warm-up (allocations, lazy inits) outside the graph
+                for _ in range(2):
+                    dec.step(view, sampler)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(sampler.generator)
+            with torch.cuda.graph(graph, pool=pool):
+                dec.step(view, sampler)
+            pool = graph.pool()
+            self.graphs[n] = graph
         state.reset()  # the prefill rewrites the cache columns it uses; later ones are masked until written
 
-    def replay(self) -> None:
-        self.graph.replay()
+    def replay(self, batch: int) -> None:
+        self.graphs[batch].replay()
 
 
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -583,12 +680,19 @@ def static_generate(
     greedy: bool = False,
     vocab_parallel_sampling: bool = False,
     use_cuda_graph: Optional[bool] = None,
+    compact: bool = True,
+    stats: Optional[dict] = None,
 ) -> List[RowResult]:
     """Generate up to ``max_new_tokens`` per row; see the module docstring for the contract.
 
     Every TP rank calls it with the same arguments and an identically seeded ``generator``; all return the
     same rows. ``stop_check`` sees a row's completion so far (it must also say True after an EOS, as
     ``StopChecker.is_done`` does, or ignore it: EOS is handled on the device).
+
+    ``compact``: at each host check, move the live rows to the smallest batch bucket that holds them
+    (:func:`batch_buckets`), so finished rows stop costing compute; the results are the same either way.
+    ``stats``: a dict to which the call adds ``chunks``, ``rows``, ``decode_steps`` (steps after the prefill),
+    ``row_steps`` (rows decoded summed over those steps) and ``compactions`` ((step, from, to) per compaction).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"static_generate: input_ids must be [B, W], got shape {tuple(input_ids.shape)}")
@@ -629,7 +733,7 @@ def static_generate(
         else:
             state = _State(dec, b, length, max_new_tokens, device, dtype)
         out = _run(dec, state, sampler, graph, input_ids, attention_mask, pixel_values, image_grid_thw, image_rows,
-                   stop_check=stop_check, every=int(stop_check_every))
+                   stop_check=stop_check, every=int(stop_check_every), compact=bool(compact), stats=stats)
         if graph is not None and generator is not None:
             generator.set_state(sampler.generator.get_state())
         return out
@@ -638,57 +742,92 @@ def static_generate(
 
 
 def _run(dec, state, sampler, graph, input_ids, attention_mask, pixel_values, image_grid_thw, image_rows, *,
-         stop_check, every) -> List[RowResult]:
+         stop_check, every, compact, stats) -> List[RowResult]:
+    full = state
     max_new, b = state.max_new, state.batch
     gen = sampler.generator
     logits = dec.prefill(state, input_ids, attention_mask, pixel_values, image_grid_thw, sampler.vocab_size,
                          image_rows, gather=not sampler.sharded)
     # generator state after each step since the last host check (to hand back the reference's final state)
     after: Dict[int, object] = {}
-    checked = [0] * b  # completion length already searched for a stop string, per row
+    checked = [0] * b  # completion length already searched for a stop string, per original row
+    settled: set = set()  # original rows found finished at a host check (their length is final)
+    slots = list(range(b))  # the original row each slot of the batch holds
+    final: Dict[int, Tuple[int, bool]] = {}  # original row -> (length, finished), rows dropped by compaction
     sampler.sample_and_record(state, logits)  # step 0 from the prefill logits
-    t = 0
+    t, row_steps, compactions = 0, 0, []
     while True:
         if gen is not None:
             after[t] = gen.get_state()
         last = t + 1 == max_new
         if last or (t + 1) % every == 0:
-            all_done = _host_check(state, stop_check, checked, sampler.pad_id)
+            done, lengths = _host_check(state, slots, stop_check, checked, settled, sampler.pad_id)
+            all_done = all(done)
             if all_done or last:
                 if all_done and gen is not None:  # the reference stops sampling at the last row's end
-                    gen.set_state(after[int(state.lengths.max()) - 1])
+                    gen.set_state(after[max(lengths) - 1])
                 break
             after = {}  # a row still going here ends after this step: older states are not needed
+            if compact:
+                live = [s for s in range(state.batch) if not done[s]]
+                n = _bucket_for(len(live), b)
+                if n < state.batch:  # live rows first, then finished ones to fill the bucket
+                    keep = live + [s for s in range(state.batch) if done[s]][: n - len(live)]
+                    kept = set(keep)
+                    for s in range(state.batch):
+                        if s not in kept:
+                            final[slots[s]] = (lengths[s], done[s])
+                    compactions.append((t + 1, state.batch, n))
+                    state = state.compact(keep)
+                    slots = [slots[s] for s in keep]
         t += 1
         if graph is not None:
-            graph.replay()
+            graph.replay(state.batch)
         else:
             dec.step(state, sampler)
-    lengths = state.lengths.tolist()
-    tokens, logps, done = state.tokens.tolist(), state.logps.tolist(), state.done.tolist()
-    return [(tokens[r][: lengths[r]], logps[r][: lengths[r]], bool(done[r])) for r in range(b)]
+        row_steps += state.batch
+    for s, r in enumerate(slots):
+        final[r] = (lengths[s], done[s])
+    if stats is not None:
+        stats["chunks"] = stats.get("chunks", 0) + 1
+        stats["rows"] = stats.get("rows", 0) + b
+        stats["decode_steps"] = stats.get("decode_steps", 0) + t
+        stats["row_steps"] = stats.get("row_steps", 0) + row_steps
+        stats.setdefault("compactions", []).extend(compactions)
+    tokens, logps = full.tokens.tolist(), full.logps.tolist()
+    return [(tokens[r][: final[r][0]], logps[r][: final[r][0]], bool(final[r][1])) for r in range(b)]
 
 
-def _host_check(state: _State, stop_check, checked: List[int], pad_id: int) -> bool:
-    """Stop strings on the host (one transfer), then whether every row is finished."""
+def _host_check(state: _State, slots: List[int], stop_check, checked: List[int], settled: set,
+                pad_id: int) -> Tuple[List[bool], List[int]]:
+    """One transfer of the finished flags and lengths (per slot); stop strings on the host (a second transfer:
+    the tokens of the rows not settled yet, i.e. live at the previous check: a row that ended on EOS since then
+    may hold a stop string before its EOS); returns the updated (finished, lengths) per slot. ``settled``
+    (original rows whose end is final) grows by the rows found finished."""
+    done_l = torch.stack([state.done.long(), state.lengths]).tolist()
+    done, lengths = [bool(d) for d in done_l[0]], done_l[1]
     if stop_check is not None:
-        done, lengths = state.done.tolist(), state.lengths.tolist()
-        live = [r for r in range(state.batch) if not done[r]]
-        if live:
-            tokens = state.tokens.tolist()
+        open_ = [s for s in range(state.batch) if slots[s] not in settled]
+        if open_:
+            device = state.done.device
+            tokens = state.tokens.index_select(0, torch.tensor([slots[s] for s in open_], device=device)).tolist()
             ended = {}
-            for r in live:
-                n = _first_stop(tokens[r][: lengths[r]], checked[r], stop_check)
-                checked[r] = lengths[r]
-                if n:
-                    ended[r] = n
+            for s, row in zip(open_, tokens):
+                r = slots[s]
+                n = _first_stop(row[: lengths[s]], checked[r], stop_check)
+                checked[r] = lengths[s]
+                if n and (not done[s] or n < lengths[s]):
+                    ended[s] = n
             if ended:
-                rows = torch.tensor(sorted(ended), dtype=torch.long, device=state.done.device)
+                idx = sorted(ended)
+                rows = torch.tensor(idx, dtype=torch.long, device=device)
                 state.done[rows] = True
-                state.lengths[rows] = torch.tensor([ended[r] for r in sorted(ended)], dtype=torch.long,
-                                                   device=state.done.device)
+                state.lengths[rows] = torch.tensor([ended[s] for s in idx], dtype=torch.long, device=device)
                 state.tok_in[rows] = pad_id  # fed pad from now on, as the reference does
-    return bool(state.done.all())
+                for s in idx:
+                    done[s], lengths[s] = True, ended[s]
+    settled.update(slots[s] for s in range(state.batch) if done[s])
+    return done, lengths
 
 
 def static_generate_rows(engine, prompts, rows, gen, device) -> list:
@@ -717,7 +856,8 @@ def static_generate_rows(engine, prompts, rows, gen, device) -> list:
         eos_ids=stop.eos_token_ids, stop_check=stop.is_done if stop.stop_strings else None, pad_id=engine.pad_id,
         vocab_size=engine.vocab_size, generator=gen, tp_group=tp_group,
         stop_check_every=getattr(engine, "stop_check_every", 8), greedy=bool(getattr(p, "greedy", False)),
-        vocab_parallel_sampling=getattr(engine, "vocab_parallel_sampling", False))
+        vocab_parallel_sampling=getattr(engine, "vocab_parallel_sampling", False),
+        compact=getattr(engine, "compact", True), stats=getattr(engine, "decode_stats", None))
     return [Rollout(prompt_id=i, prompt_tokens=list(prompts[i].prompt_ids), prefix_tokens=list(prefix),
                     generated_tokens=g, rollout_logp=lp, finished=f)
             for (i, prefix), (g, lp, f) in zip(rows, out)]

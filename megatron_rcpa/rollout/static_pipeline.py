@@ -342,6 +342,7 @@ class _Pipeline:
             self.rec = _Record(self.batch, self.max_new, self.device)
             self.gen = base.generator
             self.stop_check, self.checked, self.after = stop_check, [0] * self.batch, {}
+            self.slots, self.settled = list(range(self.batch)), set()  # rows never move here (no compaction)
             self.noise = None
         # the prompt's inputs ([B, W, H] embeddings, MRoPE cos/sin [B, W, 1, d]) are dropped after the prefill
         self.prompt = dict(emb=emb, cos=cos, sin=sin, next_pos=next_pos, mask=attention_mask)
@@ -440,7 +441,8 @@ class _Pipeline:
         s.record(rec, r, t, tok, lp)
         stopped = False
         if m == self.micro - 1 and ((t + 1) % self.every == 0 or t + 1 == self.max_new):
-            stopped = _host_check(rec, self.stop_check, self.checked, s.base.pad_id)
+            done, _ = _host_check(rec, self.slots, self.stop_check, self.checked, self.settled, s.base.pad_id)
+            stopped = all(done)
             if stopped and self.gen is not None:  # the reference stops sampling at the last row's end
                 self.gen.set_state(self.after[int(rec.lengths.max()) - 1])
             self.after = {}

@@ -12,7 +12,7 @@ import os
 import re
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import yaml
 
@@ -245,12 +245,28 @@ class RolloutConfig:
     max_new_tokens: int = 64
     stop: List[str] = field(default_factory=list)  # stop strings besides EOS
     decode: str = "static"  # static (preallocated KV cache, SDPA, CUDA graphs on GPU; PP=1) | reference
-    max_rows: int = 64  # rollout rows decoded together (chunks of whole groups)
+    # rollout rows decoded together (chunks of whole groups): an integer, or auto = as many as rollout.kv_cache_gb
+    # of KV cache holds (megatron_rcpa/rollout/budget.py)
+    max_rows: Union[int, str] = "auto"
+    # KV-cache budget of max_rows = auto, GB per GPU; None: 0.5 x the GPU's free memory once the model and
+    # optimizer are built (4 GB on a CPU)
+    kv_cache_gb: Optional[float] = None
     stop_check_every: int = 8  # static decode: host checks of stop strings / all-finished every k tokens
+    compact: bool = True  # static decode: finished rows leave the batch at the host checks (same rollouts)
 
     def __post_init__(self) -> None:
         check_choice("rollout", "decode", self.decode, ("static", "reference"))
-        check_int("rollout", "max_rows", self.max_rows, 1)
+        if self.max_rows != "auto":
+            if isinstance(self.max_rows, str):
+                fail("rollout", "max_rows", self.max_rows, "auto or an integer >= 1")
+            check_int("rollout", "max_rows", self.max_rows, 1)
+        if self.kv_cache_gb is not None:
+            check_real("rollout", "kv_cache_gb", self.kv_cache_gb, lo=0.0, lo_open=True)
+            if self.max_rows != "auto":
+                fail("rollout", "kv_cache_gb", self.kv_cache_gb,
+                     f"unset (null) when rollout.max_rows = {self.max_rows} is fixed: it sizes max_rows = auto only")
+        if not isinstance(self.compact, bool):
+            fail("rollout", "compact", self.compact, "true or false")
         check_int("rollout", "stop_check_every", self.stop_check_every, 1)
         check_real("rollout", "temperature", self.temperature, lo=0.0, lo_open=True)
         check_real("rollout", "top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)

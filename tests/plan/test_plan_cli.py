@@ -120,3 +120,16 @@ def test_gpu_choices(capsys, gpu):
     assert out["gpu_mem_bytes"] == GPUS[gpu] and out["headroom_bytes"] == GPUS[gpu] - out["peak_bytes"]
     out = _main_json(capsys, "--config", TINY, "--prompt-tokens", "96", "--gpu-mem-gb", "0.001")
     assert out["fits"] is False
+
+
+def test_auto_max_rows_sizes_the_rollout_chunk_from_the_kv_budget(capsys):
+    """rollout.max_rows = auto (the default): the rank's rows in one chunk when the budget holds them, else the
+    whole groups that fit rollout.kv_cache_gb; a fixed max_rows is used as given."""
+    base = ["--config", TINY, "--prompt-tokens", "96"]
+    auto = _main_json(capsys, *base)
+    assert auto["layout"]["rollout_rows"] == 32  # 8 prompts x G=4, DP=1: all of them (0.5 x free holds far more)
+    per_row = auto["stages"][0]["kv_cache"] / 32
+    tight = _main_json(capsys, *base, f"rollout.kv_cache_gb={9.5 * per_row / 1e9}")  # 9 rows: 2 groups of 4
+    assert tight["layout"]["rollout_rows"] == 8 and tight["stages"][0]["kv_cache"] == 8 * per_row
+    fixed = _main_json(capsys, *base, "rollout.max_rows=12")
+    assert fixed["layout"]["rollout_rows"] == 12

@@ -105,14 +105,13 @@ def _engines(policy, *, stop, params, banned=(), max_rows=2, seed=5, every=3, vo
     from megatron_rcpa.rollout.static_decode import static_generate_rows
 
     class StaticEngine(RolloutEngine):
-        stop_check_every = every
         vocab_parallel_sampling = vocab_parallel
 
         def _generate_rows(self, prompts, rows, gen, device):
             return static_generate_rows(self, prompts, rows, gen, device)
 
     kw = dict(vocab_size=policy.vocab_size, pad_id=0, stop=stop, params=params, seed=seed, max_rows=max_rows,
-              banned_token_ids=banned)
+              banned_token_ids=banned, stop_check_every=every)
     # the reference: the engine's per-token loop (its default is the static path now)
     return RolloutEngine(policy, decode="reference", **kw), StaticEngine(policy, **kw)
 
@@ -342,7 +341,8 @@ def test_mrope_decode_positions_reduce_to_one_position_per_row():
 
 
 def test_bench_rollout_quick_runs_and_writes_json(tmp_path):
-    """bench/bench_rollout.py --quick (tiny fp32 model on a CPU): both paths timed, same greedy first tokens."""
+    """bench/bench_rollout.py --quick (tiny fp32 model on a CPU): both paths timed, same greedy first tokens; the
+    ragged case with compaction off and on."""
     import json
     import os
     import subprocess
@@ -359,3 +359,7 @@ def test_bench_rollout_quick_runs_and_writes_json(tmp_path):
     assert {(r["batch"], r["prompt"]) for r in rows} == {(2, 6), (4, 6), (2, 12), (4, 12)}
     for r in rows:
         assert r["old_ms"] > 0 and r["new_ms"] > 0 and r["new_e2e_ms"] > 0 and r["tokens_equal"] is True
+    # the ragged case: compaction decodes fewer rows for the same tokens
+    (rag,) = data["ragged"]
+    assert rag["batch"] == 8 and rag["tokens_equal"] is True and rag["compactions"]
+    assert rag["row_steps_on"] < rag["row_steps_off"] == 8 * rag["decode_steps"]

@@ -15,6 +15,11 @@ def test_yaml_plus_overrides(tmp_path):
     assert (c.run.steps, c.run.name, c.rcpa.group_size, c.rcpa.loss.beta) == (3, "demo", 4, 0.02)
     assert c.rcpa.curriculum.gamma == 2 and c.rollout.stop == ["</s>", "\n\n"]
     assert c.rcpa.loss.eps_high == 0.28  # untouched defaults survive the merge
+    # rollout.max_rows: auto (the default, optionally with a KV-cache budget) or a row count
+    assert (c.rollout.max_rows, c.rollout.kv_cache_gb, c.rollout.compact) == ("auto", None, True)
+    c = load_config(str(cfg), ["rollout.kv_cache_gb=2.5", "rollout.compact=false"])
+    assert (c.rollout.max_rows, c.rollout.kv_cache_gb, c.rollout.compact) == ("auto", 2.5, False)
+    assert load_config(str(cfg), ["rollout.max_rows=48"]).rollout.max_rows == 48
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -25,6 +30,12 @@ def test_yaml_plus_overrides(tmp_path):
     (["run=3"], "x.yaml.run: expected a mapping, got int 3"),
     (["steps"], "override 'steps': expected key=value"),
     (["optim.lr_schedule=wsd"], "optim.lr_schedule = 'wsd' is out of range: expected one of 'constant'"),
+    (["rollout.max_rows=many"], "rollout.max_rows = 'many' is out of range: expected auto or an integer >= 1"),
+    (["rollout.max_rows=0"], "rollout.max_rows = 0 is out of range: expected an integer >= 1"),
+    (["rollout.kv_cache_gb=0"], "rollout.kv_cache_gb = 0 is out of range: expected 0.0 < kv_cache_gb"),
+    (["rollout.max_rows=32", "rollout.kv_cache_gb=8"],
+     "rollout.kv_cache_gb = 8 is out of range: expected unset (null) when rollout.max_rows = 32 is fixed"),
+    (["rollout.compact=1"], "rollout.compact = 1 is out of range: expected true or false"),
 ])
 def test_bad_keys_and_values_are_named(tmp_path, overrides, message):
     cfg = tmp_path / "x.yaml"
