@@ -244,7 +244,9 @@ class RolloutConfig:
     top_p: float = 1.0
     max_new_tokens: int = 64
     stop: List[str] = field(default_factory=list)  # stop strings besides EOS
-    decode: str = "static"  # static (preallocated KV cache, SDPA, CUDA graphs on GPU; PP=1) | reference
+    # static (preallocated KV cache, SDPA, CUDA graphs on GPU at PP=1; rows pipelined through the stages at PP>1)
+    # | reference (the per-token loop through the policy's forward / megatron's schedule)
+    decode: str = "static"
     # rollout rows decoded together (chunks of whole groups): an integer, or auto = as many as rollout.kv_cache_gb
     # of KV cache holds (megatron_rcpa/rollout/budget.py)
     max_rows: Union[int, str] = "auto"
@@ -253,6 +255,8 @@ class RolloutConfig:
     kv_cache_gb: Optional[float] = None
     stop_check_every: int = 8  # static decode: host checks of stop strings / all-finished every k tokens
     compact: bool = True  # static decode: finished rows leave the batch at the host checks (same rollouts)
+    # static decode at PP > 1: micro-batches the rows are split into (null: PP, which keeps every stage busy)
+    pp_microbatches: Optional[int] = None
 
     def __post_init__(self) -> None:
         check_choice("rollout", "decode", self.decode, ("static", "reference"))
@@ -268,6 +272,8 @@ class RolloutConfig:
         if not isinstance(self.compact, bool):
             fail("rollout", "compact", self.compact, "true or false")
         check_int("rollout", "stop_check_every", self.stop_check_every, 1)
+        if self.pp_microbatches is not None:
+            check_int("rollout", "pp_microbatches", self.pp_microbatches, 1)
         check_real("rollout", "temperature", self.temperature, lo=0.0, lo_open=True)
         check_real("rollout", "top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True)
         check_int("rollout", "max_new_tokens", self.max_new_tokens, 1)

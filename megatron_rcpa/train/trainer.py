@@ -240,7 +240,8 @@ def build_step_context(cfg: TrainConfig, groups, tok, hf_config, family, *, stop
                                                  cfg.rollout.max_new_tokens), seed=cfg.run.seed,
                            banned_token_ids=family.structural_ids(), groups=groups, decode=cfg.rollout.decode,
                            max_rows=cfg.rollout.max_rows, stop_check_every=cfg.rollout.stop_check_every,
-                           kv_cache_gb=cfg.rollout.kv_cache_gb, compact=cfg.rollout.compact)
+                           kv_cache_gb=cfg.rollout.kv_cache_gb, compact=cfg.rollout.compact,
+                           pp_microbatches=cfg.rollout.pp_microbatches)
     kernels = cfg.run.kernels
     impl = ("triton" if torch.cuda.is_available() else "torch") if kernels == "auto" else kernels
     return StepContext(cfg=cfg, groups=groups, model=model, optimizer=optimizer, engine=engine,

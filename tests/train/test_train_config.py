@@ -20,6 +20,9 @@ def test_yaml_plus_overrides(tmp_path):
     c = load_config(str(cfg), ["rollout.kv_cache_gb=2.5", "rollout.compact=false"])
     assert (c.rollout.max_rows, c.rollout.kv_cache_gb, c.rollout.compact) == ("auto", 2.5, False)
     assert load_config(str(cfg), ["rollout.max_rows=48"]).rollout.max_rows == 48
+    # static decode at PP > 1: rows split into PP micro-batches unless set
+    assert c.rollout.pp_microbatches is None
+    assert load_config(str(cfg), ["rollout.pp_microbatches=4"]).rollout.pp_microbatches == 4
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -36,6 +39,7 @@ def test_yaml_plus_overrides(tmp_path):
     (["rollout.max_rows=32", "rollout.kv_cache_gb=8"],
      "rollout.kv_cache_gb = 8 is out of range: expected unset (null) when rollout.max_rows = 32 is fixed"),
     (["rollout.compact=1"], "rollout.compact = 1 is out of range: expected true or false"),
+    (["rollout.pp_microbatches=0"], "rollout.pp_microbatches = 0 is out of range: expected an integer >= 1"),
 ])
 def test_bad_keys_and_values_are_named(tmp_path, overrides, message):
     cfg = tmp_path / "x.yaml"
