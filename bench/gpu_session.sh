@@ -28,7 +28,7 @@
 #   profile_vl            tools/profile_throughput.py (the trainer's phases) on the 2.2B Qwen2.5-VL architecture,
 #                         the settings of bench/results/profile_qwen2_5_vl_1.5b_bf16_H200.json, bf16
 #   profile_anchor        the same on the anchor: 16 rollouts of 1920 prompt + 128 new tokens = 2048, micro-batch 4
-#   static_decode_pytest  tests/rollout/test_static_decode.py on CUDA (the TP=2 test needs 2 GPUs: deselected)
+#   static_decode_pytest  tests/rollout/test_{static_decode,compaction,budget}.py on CUDA (the TP=2 test needs 2 GPUs: deselected)
 #   bench_logprob         bench/bench_logprob.py --no-compile (fused log-prob / RCPA loss kernels vs torch eager,
 #                         megatron, Liger; the torch.compile rows of results/ stay: compiling takes a minute)
 #   fp8_gemm              OPTIONAL (--fp8): bf16 vs FP8 (torch._scaled_mm, rowwise scales) GEMM-only ratio at
@@ -268,7 +268,7 @@ run_item prepare 60 "bash bench/gpu_session.sh --prepare-only $PREP"
 
 run_item ops_pytest 150 "$PY -m pytest -q -ra -p no:cacheprovider tests/ops 2>&1 | tee $W/files/pytest_ops_$CARD.txt"
 
-run_item bench_rollout 180 "$PY bench/bench_rollout.py --out $W/files"
+run_item bench_rollout 240 "$PY bench/bench_rollout.py --out $W/files"
 
 run_item rollout_graph_checks 20 "$PY - $W/files/bench_rollout_$CARD.json <<'PY'
 import json, sys
@@ -288,7 +288,7 @@ run_item profile_anchor 150 "$PY tools/profile_throughput.py --config $PREP/prof
 cp $W/profile_anchor/profile_throughput.json $W/files/profile_anchor_1_75b_bf16_$CARD.json && \
 cp $W/profile_anchor/profile_throughput.png $W/files/profile_anchor_1_75b_bf16_$CARD.png"
 
-run_item static_decode_pytest 150 "$PY -m pytest -q -ra -p no:cacheprovider tests/rollout/test_static_decode.py -k 'not tp2' \
+run_item static_decode_pytest 150 "$PY -m pytest -q -ra -p no:cacheprovider tests/rollout/test_static_decode.py tests/rollout/test_compaction.py tests/rollout/test_budget.py -k 'not tp2' \
 2>&1 | tee $W/files/pytest_static_decode_$CARD.txt"
 
 run_item bench_logprob 120 "$PY bench/bench_logprob.py --no-compile --out $W/logprob 2>&1 | tee $W/files/bench_logprob_$CARD.log; \
