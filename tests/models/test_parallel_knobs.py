@@ -101,6 +101,7 @@ def test_trainer_passes_the_knobs_to_the_builder(monkeypatch):
     config_overrides win)."""
     from megatron_rcpa.models import families
     from megatron_rcpa.train import trainer
+    from megatron_rcpa.train.config import Fp8Config
 
     seen = {}
 
@@ -117,6 +118,7 @@ def test_trainer_passes_the_knobs_to_the_builder(monkeypatch):
     monkeypatch.setattr(families, "get", lambda name: Fake())
     cfg = _cfg(model_recompute_granularity="selective", parallel_sequence_parallel=True)
     cfg.model.tiny, cfg.model.dtype, cfg.model.family, cfg.model.attention = True, "fp32", "llama", "sdpa"
+    cfg.model.fp8 = Fp8Config()  # off: BF16/FP32 GEMMs, the local spec
     cfg.run = types.SimpleNamespace(seed=0)
     trainer.build_policy(cfg, None)
     assert seen["config_overrides"] == {"recompute_granularity": "selective", "sequence_parallel": True}
