@@ -5,7 +5,8 @@ the tensors are made or read one at a time.
 * HF -> megatron (:class:`LazyTorchDistSave`): megatron's own ``dist_checkpointing.save`` (metadata.json, common
   state, sharding validation) with a ``torch_dist`` strategy whose writer asks for each tensor only when it
   writes it (``resolve_data`` calls the converter's function for that shard) and drops it once written. The
-  files are those megatron's writer makes (one ``__<rank>_0.distcp`` per rank, same order, byte for byte).
+  checkpoint is the one megatron's own save writes (one ``__<rank>_0.distcp`` per rank: byte for byte what
+  megatron-core 0.19 writes; 0.16 spreads a rank's tensors over two files, which load the same).
 * megatron -> HF (:func:`load_in_groups`): the sharded state dict is loaded one group of tensors at a time (a
   decoder layer, a vision block, one other tensor) with ``dist_checkpointing.load`` of that subset, collectively
   (every rank walks the same list of groups, its own part of a group may be empty).
