@@ -2,9 +2,11 @@
 
 :func:`export_hf_tensors` turns a loaded policy stage into HF tensors (gathering TP shards; collective over
 the TP group), usable by a trainer to publish weights without writing a megatron checkpoint first.
-:func:`convert_megatron_to_hf` loads the checkpoint on a TP x PP grid (default 1 x 1), lets the first TP
-rank of every stage write its tensors, then names the files ``model-0000i-of-0000N.safetensors`` (or one
-``model.safetensors``) with ``model.safetensors.index.json``, writes ``config.json``, copies the assets
+:func:`convert_megatron_to_hf` runs on a TP x PP grid (default 1 x 1) without building the model: each rank
+builds its stage on the ``meta`` device and reads the checkpoint one decoder layer / vision block / other tensor
+at a time (:func:`stream_hf_tensors`), the first TP rank of every stage writing its tensors as they come; then
+it names the files ``model-0000i-of-0000N.safetensors`` (or one ``model.safetensors``) with
+``model.safetensors.index.json``, writes ``config.json``, copies the assets
 (plain file names, no symbolic links) and a manifest of sizes and sha256 (``rcpa_manifest.json``), all in
 ``<out>.incomplete`` renamed into place when complete. The input is checked first: its files against its
 manifest (sizes; sha256 with ``verify=True``), its dist-checkpoint metadata through the allow-list, and an
