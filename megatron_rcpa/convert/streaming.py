@@ -110,28 +110,34 @@ def _lazy_save(sharded_state_dict: Any, checkpoint_dir: str, sources: Dict[int, 
     )
     from torch.distributed.checkpoint.planner import WriteItemType
 
-    # Where each shard's data comes from, by (checkpoint key, global offset): the index of its write item.
-    where: Dict[Tuple[str, Tuple[int, ...]], Tuple[int, Any, Tuple[int, ...]]] = {}
-    for leaf in _leaves(sharded_state_dict):
-        if isinstance(leaf, ShardedTensor) and leaf.data is not None:
-            if leaf.flattened_range is not None:
-                raise ConversionError(f"internal: sharded tensor {leaf.key!r} is flattened (a distributed-optimizer "
-                                      "layout); a policy checkpoint never is")
-            src, view = _view_geometry(leaf.data, sources, leaf.key)
-            where[(leaf.key, tuple(leaf.global_offset))] = (src, view, tuple(leaf.data.shape))
+    # Where each shard written here comes from, by (checkpoint key, global offset): the index of its write item.
     flat, _, _ = _replace_state_dict_keys_with_sharded_keys(sharded_state_dict, keep_only_main_replica)
+    where: Dict[Tuple[str, Tuple[int, ...]], Tuple[int, Any, Tuple[int, ...]]] = {}
+    for leaves in flat.values():
+        for leaf in leaves:
+            if isinstance(leaf, ShardedTensor) and leaf.data is not None:
+                if leaf.flattened_range is not None:
+                    raise ConversionError(f"internal: sharded tensor {leaf.key!r} is flattened (a distributed-"
+                                          "optimizer layout); a policy checkpoint never is")
+                src, view = _view_geometry(leaf.data, sources, leaf.key)
+                where[(leaf.key, tuple(leaf.global_offset))] = (src, view, tuple(leaf.data.shape))
+    uses: Dict[int, int] = {}
+    for src, _, _ in where.values():
+        uses[src] = uses.get(src, 0) + 1
     pyt_state_dict = mcore_to_pyt_state_dict(flat, False)
-    last: Dict[str, Any] = {}
+    kept: Dict[int, torch.Tensor] = {}  # a tensor written in parts (gate/up halves) until its last part
 
     def materialize(fqn: str, offset: Tuple[int, ...], sizes: Sequence[int]) -> torch.Tensor:
         try:
             src, view, shape = where[(fqn, offset)]
         except KeyError:
             raise ConversionError(f"internal: no source for sharded tensor {fqn!r} at offset {list(offset)}") from None
-        if last.get("src") != src:  # the halves of a gated FC1 come from one tensor: make it once
-            last.clear()
-            last.update(src=src, value=sources[src]())
-        value = last["value"]
+        value = kept[src] if src in kept else sources[src]()
+        uses[src] -= 1
+        if uses[src] > 0:
+            kept[src] = value
+        else:
+            kept.pop(src, None)
         if view is not None:
             value = value.as_strided(*view)
         if value.numel() != int(torch.Size(sizes).numel()) or tuple(value.shape) != shape:
