@@ -1,6 +1,7 @@
 """Peak memory of the two converters on a bf16 Qwen2 of a few hundred MB (CPU; no GPU needed).
 
     python bench/bench_convert_memory.py [--work /tmp/convmem] [--hidden 1024 --layers 12 --vocab 32000]
+                                         [--repo OTHER_CHECKOUT]   # measure another checkout's tools
 
 Saves the model (once), then runs ``tools/convert_hf_to_megatron.py`` and ``tools/convert_megatron_to_hf.py`` each
 in a fresh process and reports its peak RSS (``ru_maxrss`` of the finished child), next to the baseline of a process
@@ -36,6 +37,7 @@ def main():
     p.add_argument("--layers", type=int, default=12)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--label", default="")
+    p.add_argument("--repo", default=ROOT, help="checkout whose tools/ (and package) are measured")
     args = p.parse_args()
     hf = os.path.join(args.work, f"hf_{args.hidden}_{args.layers}_{args.vocab}")
     if not os.path.isdir(hf):
@@ -52,12 +54,13 @@ def main():
     ckpt, back = os.path.join(args.work, "megatron"), os.path.join(args.work, "back")
     for d in (ckpt, back):
         shutil.rmtree(d, ignore_errors=True)
+    tools = os.path.join(os.path.abspath(args.repo), "tools")
     env_base = [sys.executable, "-c", "import torch, transformers, megatron.core, safetensors; "
                 "import megatron_rcpa.convert.hf_to_megatron, megatron_rcpa.convert.megatron_to_hf"]
     base, _ = peak_mb(env_base)
-    imp, t_imp = peak_mb([sys.executable, os.path.join(ROOT, "tools", "convert_hf_to_megatron.py"), "--hf-dir", hf,
+    imp, t_imp = peak_mb([sys.executable, os.path.join(tools, "convert_hf_to_megatron.py"), "--hf-dir", hf,
                           "--out", ckpt])
-    exp, t_exp = peak_mb([sys.executable, os.path.join(ROOT, "tools", "convert_megatron_to_hf.py"),
+    exp, t_exp = peak_mb([sys.executable, os.path.join(tools, "convert_megatron_to_hf.py"),
                           "--megatron-dir", ckpt, "--out", back])
     row = {"label": args.label, "checkpoint_mb": round(size), "baseline_mb": round(base),
            "hf_to_megatron_peak_mb": round(imp), "hf_to_megatron_s": round(t_imp, 1),
