@@ -74,6 +74,8 @@ def _gathered_hf_tensors(local: torch.Tensor, tmap: Any, hf_names: Tuple[str, ..
     if tmap.kind is Kind.REPLICATED or tp_size == 1:
         shards = [local] * (1 if tmap.kind is Kind.REPLICATED else tp_size)
     else:
+        if local.device.type == "cpu" and torch.distributed.get_backend(group) == "nccl":
+            local = local.cuda()  # a checkpoint's tensors are read into CPU memory; NCCL gathers GPU tensors
         shards = [torch.empty_like(local) for _ in range(tp_size)]
         torch.distributed.all_gather(shards, local.contiguous(), group=group)
     if tp_rank != 0:
