@@ -6,9 +6,10 @@
 The model family (Qwen2.5-VL, LLaVA with a CLIP/SigLIP tower, Llama, Qwen2) is read from config.json.
 
 The output (megatron dist_checkpointing + rcpa_checkpoint.json + hf_assets/) loads at ANY TP/PP; --tp/--pp
-only choose how many processes share the work (memory). Any failure (bad input, a full disk, permission
-denied, ...) exits with 2 and one ``error:`` line naming the tensor/key/value/file; a failed conversion leaves
-no output directory.
+only choose how many processes share the work. The model is never built in memory (each tensor is made when it
+is written: peak memory is a few times the largest tensor; a progress bar shows on a terminal). Any failure (bad
+input, a full disk, permission denied, ...) exits with 2 and one ``error:`` line naming the
+tensor/key/value/file; a failed conversion leaves no output directory.
 """
 
 import argparse

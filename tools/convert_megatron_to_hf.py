@@ -4,7 +4,9 @@
     python tools/convert_megatron_to_hf.py --megatron-dir ckpt/qwen25vl3b --out hf/qwen25vl3b-rl
 
 ``from_pretrained`` loads the result. Tensors are written in the dtype of the HF checkpoint the megatron one
-was converted from unless --dtype says otherwise. Any failure (bad input, a damaged or tampered checkpoint, a
+was converted from unless --dtype says otherwise. The model is never built in memory: the checkpoint is read a
+decoder layer (or one other tensor) at a time and written out as it comes (a progress bar shows on a terminal).
+Any failure (bad input, a damaged or tampered checkpoint, a
 full disk, ...) exits with 2 and one ``error:`` line naming what is wrong; a failed export leaves no output.
 """
 

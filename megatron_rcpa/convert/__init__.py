@@ -5,6 +5,8 @@
 * :mod:`.families` - the model-family registry's lookups for the converters (ConversionError)
 * :mod:`.checkpoint` - dist_checkpointing save/load + metadata (reused by the trainer)
 * :mod:`.hf_to_megatron`, :mod:`.megatron_to_hf`, :mod:`.verify` - what ``tools/`` run
+* :mod:`.streaming` - conversion without building the model (meta-device policy, tensors made when written,
+  checkpoints loaded a decoder layer at a time)
 * :mod:`.hf_io` - safetensors reading/writing, tokenizer/processor files
 
 Names are resolved lazily (no megatron import until used).

@@ -149,7 +149,7 @@ def _megatron_version() -> str:
         return ""
 
 
-def save_sharded(sharded_state_dict: Any, directory: str) -> None:
+def save_sharded(sharded_state_dict: Any, directory: str, sharded_strategy: Any = None) -> None:
     """Write a megatron sharded state dict (e.g. an optimizer's) to ``directory`` synchronously; collective.
 
     The public save the trainer uses next to :func:`save_checkpoint`; see
@@ -158,15 +158,17 @@ def save_sharded(sharded_state_dict: Any, directory: str) -> None:
     """
     from megatron_rcpa.runtime.checkpoint import save_sharded as _save_sharded
 
-    _save_sharded(sharded_state_dict, directory)
+    _save_sharded(sharded_state_dict, directory, sharded_strategy)
 
 
 def save_checkpoint(model: torch.nn.Module, directory: str, metadata: CheckpointMetadata, *,
-                    assets_from: Optional[str] = None, overwrite: bool = False) -> None:
+                    assets_from: Optional[str] = None, overwrite: bool = False, sharded_strategy: Any = None) -> None:
     """Save ``model`` (this rank's stage of a policy) as a checkpoint. Collective over all ranks.
 
     ``assets_from``: a directory whose tokenizer/processor files are copied into ``hf_assets/``
     (an HF directory, or ``<checkpoint>/hf_assets``). Refuses an existing ``directory`` unless ``overwrite``.
+    ``sharded_strategy``: megatron's save strategy (the converter's writes a meta-device policy's tensors as it
+    makes them: :class:`~megatron_rcpa.convert.streaming.LazyTorchDistSave`).
     """
     directory = os.path.abspath(directory.rstrip("/"))
     if os.path.exists(directory) and not overwrite:
@@ -178,7 +180,7 @@ def save_checkpoint(model: torch.nn.Module, directory: str, metadata: Checkpoint
         os.makedirs(os.path.join(tmp, MODEL_DIR))
     _barrier()
     policy = unwrap_model(model)
-    save_sharded(policy.sharded_state_dict(), os.path.join(tmp, MODEL_DIR))
+    save_sharded(policy.sharded_state_dict(), os.path.join(tmp, MODEL_DIR), sharded_strategy)
     _barrier()
     if _rank() == 0:
         from megatron_rcpa.convert.hf_io import copy_assets

@@ -3,15 +3,18 @@
 :func:`plan_hf_to_megatron` checks everything that can be checked before a model is built (architecture,
 tensor names and shapes against transformers' own module definition, TP/PP divisibility) and raises
 :class:`~megatron_rcpa.convert.errors.ConversionError` naming the tensor / key / value.
-:func:`convert_hf_to_megatron` then builds the policy on a TP x PP grid (default 1 x 1; a larger grid only
-spreads memory: the checkpoint is the same), fills each rank's shard from the safetensors
-(:func:`load_hf_weights`, usable on its own by a trainer that starts from HF weights) and saves with
-:func:`~megatron_rcpa.convert.checkpoint.save_checkpoint` (written aside, renamed when complete).
+:func:`convert_hf_to_megatron` then runs :func:`convert_rank` on a TP x PP grid (default 1 x 1; the checkpoint is
+the same at any grid): each rank builds its policy stage on the ``meta`` device (no memory) and saves it with
+:func:`~megatron_rcpa.convert.checkpoint.save_checkpoint` (written aside, renamed when complete) through a
+strategy that reads and transforms each tensor from the safetensors only when it is written
+(:mod:`~megatron_rcpa.convert.streaming`), so the model is never held in memory. :func:`load_hf_weights` fills
+a built policy instead (a trainer that starts from HF weights).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -22,6 +25,7 @@ from megatron_rcpa.convert.errors import ConversionError
 from megatron_rcpa.convert.families import ModelFamily, family_by_name, family_for_config
 from megatron_rcpa.convert.hf_io import HFCheckpointReader, load_hf_config, read_config_dict
 from megatron_rcpa.convert.manifest import MANIFEST_FILE, check_manifest
+from megatron_rcpa.convert.streaming import LazyTorchDistSave, build_meta_policy, progress_bar
 from megatron_rcpa.convert.weight_maps import (
     Kind,
     ModuleMap,
@@ -177,6 +181,26 @@ def bind_policy_tensors(policy: torch.nn.Module, family: ModelFamily,
     return bound
 
 
+def _shard_maker(reader: HFCheckpointReader, layouts: Dict[str, Any], tp_rank: int, tp_size: int):
+    """``make(name, tensor, tmap, hf_names)``: this TP rank's megatron value of one bound policy tensor, read from
+    the HF files and transformed (ConversionError naming the tensor when it does not fit)."""
+
+    @torch.no_grad()
+    def make(name: str, tensor: torch.Tensor, tmap: TensorMap, hf_names: Tuple[str, ...]) -> torch.Tensor:
+        sources = [reader.get(n) for n in hf_names]
+        try:
+            local = to_megatron_shard(tmap.kind, sources, tp_rank=tp_rank, tp_size=tp_size,
+                                      layout=layouts[tmap.layout])
+        except ValueError as exc:
+            raise ConversionError(f"cannot build megatron {name!r} from HF {list(hf_names)}: {exc}") from exc
+        if tuple(local.shape) != tuple(tensor.shape):
+            raise ConversionError(f"megatron {name!r} has shape {list(tensor.shape)} on TP rank {tp_rank}, but HF "
+                                  f"{list(hf_names)} give {list(local.shape)}")
+        return local.to(dtype=tensor.dtype).contiguous()
+
+    return make
+
+
 @torch.no_grad()
 def load_hf_weights(policy: torch.nn.Module, hf_dir: str, *, family: Optional[ModelFamily] = None,
                     hf_config: Any = None) -> int:
@@ -193,36 +217,45 @@ def load_hf_weights(policy: torch.nn.Module, hf_dir: str, *, family: Optional[Mo
         hf_config = load_hf_config(hf_dir)
     hf_config = family.hf_config(hf_config)
     reader = HFCheckpointReader(hf_dir, family.hf_aliases)
-    layouts = family.layouts(hf_config, int(policy.padded_vocab_size))
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    make = _shard_maker(reader, family.layouts(hf_config, int(policy.padded_vocab_size)),
+                        parallel_state.get_tensor_model_parallel_rank(),
+                        parallel_state.get_tensor_model_parallel_world_size())
     count = 0
     for name, tensor, tmap, hf_names in bind_policy_tensors(policy, family, hf_config):
-        sources = [reader.get(n) for n in hf_names]
-        try:
-            local = to_megatron_shard(tmap.kind, sources, tp_rank=tp_rank, tp_size=tp_size,
-                                      layout=layouts[tmap.layout])
-        except ValueError as exc:
-            raise ConversionError(f"cannot build megatron {name!r} from HF {list(hf_names)}: {exc}") from exc
-        if tuple(local.shape) != tuple(tensor.shape):
-            raise ConversionError(f"megatron {name!r} has shape {list(tensor.shape)} on TP rank {tp_rank}, but HF "
-                                  f"{list(hf_names)} give {list(local.shape)}")
-        tensor.data.copy_(local.to(device=tensor.device, dtype=tensor.dtype))
+        tensor.data.copy_(make(name, tensor, tmap, hf_names).to(device=tensor.device))
         count += 1
     reader.close()
     return count
 
 
 def convert_rank(plan: ConversionPlan, out_dir: str, overwrite: bool = False) -> int:
-    """This rank's part of a conversion (every rank of an initialised megatron grid calls it): build the
-    policy stage, fill it from the HF files, save collectively. Returns the number of tensors set here."""
+    """This rank's part of a conversion (every rank of an initialised megatron grid calls it). The policy
+    stage is built on the ``meta`` device (no memory) and saved collectively with a strategy that makes each
+    tensor from the HF files when it is written (:class:`~megatron_rcpa.convert.streaming.LazyTorchDistSave`):
+    peak memory is the few HF tensors one megatron tensor is made of, not the model.
+    Returns the number of policy tensors bound here."""
+    from megatron.core import parallel_state
+
     family = family_by_name(plan.family)
     hf_config = family.hf_config(load_hf_config(plan.hf_config))
-    policy = family.build_policy(hf_config, params_dtype=plan.dtype, padded_vocab_size=plan.padded_vocab_size,
-                                 perform_initialization=False)
-    count = load_hf_weights(policy, plan.hf_dir, family=family, hf_config=hf_config)
-    save_checkpoint(policy, out_dir, plan.metadata(), assets_from=plan.hf_dir, overwrite=overwrite)
-    return count
+    policy = build_meta_policy(family, hf_config, params_dtype=plan.dtype, padded_vocab_size=plan.padded_vocab_size)
+    reader = HFCheckpointReader(plan.hf_dir, family.hf_aliases)
+    make = _shard_maker(reader, family.layouts(hf_config, plan.padded_vocab_size),
+                        parallel_state.get_tensor_model_parallel_rank(),
+                        parallel_state.get_tensor_model_parallel_world_size())
+    bound = bind_policy_tensors(policy, family, hf_config)
+    sources = {id(tensor): functools.partial(make, name, tensor, tmap, hf_names)
+               for name, tensor, tmap, hf_names in bound}
+    bar = progress_bar(len(bound), "HF -> megatron")
+    strategy = LazyTorchDistSave(sources, on_write=None if bar is None else lambda: bar.update(1))
+    try:
+        save_checkpoint(policy, out_dir, plan.metadata(), assets_from=plan.hf_dir, overwrite=overwrite,
+                        sharded_strategy=strategy)
+    finally:
+        reader.close()
+        if bar is not None:
+            bar.close()
+    return len(bound)
 
 
 def convert_hf_to_megatron(hf_dir: str, out_dir: str, *, dtype: Optional[str] = None, tp: int = 1, pp: int = 1,

@@ -2,9 +2,11 @@
 
 :func:`export_hf_tensors` turns a loaded policy stage into HF tensors (gathering TP shards; collective over
 the TP group), usable by a trainer to publish weights without writing a megatron checkpoint first.
-:func:`convert_megatron_to_hf` loads the checkpoint on a TP x PP grid (default 1 x 1), lets the first TP
-rank of every stage write its tensors, then names the files ``model-0000i-of-0000N.safetensors`` (or one
-``model.safetensors``) with ``model.safetensors.index.json``, writes ``config.json``, copies the assets
+:func:`convert_megatron_to_hf` runs on a TP x PP grid (default 1 x 1) without building the model: each rank
+builds its stage on the ``meta`` device and reads the checkpoint one decoder layer / vision block / other tensor
+at a time (:func:`stream_hf_tensors`), the first TP rank of every stage writing its tensors as they come; then
+it names the files ``model-0000i-of-0000N.safetensors`` (or one ``model.safetensors``) with
+``model.safetensors.index.json``, writes ``config.json``, copies the assets
 (plain file names, no symbolic links) and a manifest of sizes and sha256 (``rcpa_manifest.json``), all in
 ``<out>.incomplete`` renamed into place when complete. The input is checked first: its files against its
 manifest (sizes; sha256 with ``verify=True``), its dist-checkpoint metadata through the allow-list, and an
@@ -26,7 +28,6 @@ from megatron_rcpa.convert.checkpoint import (
     INCOMPLETE_SUFFIX,
     MODEL_DIR,
     CheckpointMetadata,
-    build_policy_from_checkpoint,
     read_metadata,
     refuse_overlap,
 )
@@ -38,7 +39,8 @@ from megatron_rcpa.convert.safe_metadata import check_dcp_metadata
 from megatron_rcpa.convert.weight_maps import Kind, to_hf_tensors
 from megatron_rcpa.models.decoder import parse_dtype
 
-__all__ = ["convert_megatron_to_hf", "export_hf_tensors", "export_stage_parts", "finish_export", "parse_size"]
+__all__ = ["convert_megatron_to_hf", "export_hf_tensors", "export_stage_parts", "finish_export", "parse_size",
+           "stream_hf_tensors", "write_stage_parts"]
 
 _TORCH_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 
@@ -55,61 +57,113 @@ def parse_size(text: Any) -> int:
     return int(float(m.group(1)) * scale)
 
 
+def _tp_state() -> Tuple[int, int, Any]:
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_group())
+
+
 @torch.no_grad()
+def _gathered_hf_tensors(local: torch.Tensor, tmap: Any, hf_names: Tuple[str, ...], layouts: Dict[str, Any],
+                         dtype: Optional[torch.dtype]) -> List[Tuple[str, torch.Tensor]]:
+    """The HF tensors of one policy tensor (this rank's TP shard ``local``) on TP rank 0, [] elsewhere; the TP
+    shards are gathered collectively (every TP rank calls, in the same order)."""
+    tp_size, tp_rank, group = _tp_state()
+    local = local.detach()
+    if tmap.kind is Kind.REPLICATED or tp_size == 1:
+        shards = [local] * (1 if tmap.kind is Kind.REPLICATED else tp_size)
+    else:
+        if local.device.type == "cpu" and torch.distributed.get_backend(group) == "nccl":
+            local = local.cuda()  # a checkpoint's tensors are read into CPU memory; NCCL gathers GPU tensors
+        shards = [torch.empty_like(local) for _ in range(tp_size)]
+        torch.distributed.all_gather(shards, local.contiguous(), group=group)
+    if tp_rank != 0:
+        return []
+    # A private contiguous copy: never a view of a parameter or of another exported tensor.
+    return [(hf_name, full.to(device="cpu", dtype=dtype or full.dtype).clone(memory_format=torch.contiguous_format))
+            for hf_name, full in zip(hf_names, to_hf_tensors(tmap.kind, shards, layout=layouts[tmap.layout]))]
+
+
 def export_hf_tensors(policy: torch.nn.Module, family: ModelFamily, hf_config: Any,
                       dtype: Optional[torch.dtype] = None) -> Iterator[Tuple[str, torch.Tensor]]:
     """Yield (HF on-disk name, full tensor) for every tensor this stage owns, on TP rank 0 (other TP ranks
     yield nothing but must iterate too: the TP shards are gathered collectively, in parameter order)."""
-    from megatron.core import parallel_state
-
     from megatron_rcpa.convert.hf_to_megatron import bind_policy_tensors
 
     hf_config = family.hf_config(hf_config)
     layouts = family.layouts(hf_config, int(policy.padded_vocab_size))
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
-    tp_rank = parallel_state.get_tensor_model_parallel_rank()
-    group = parallel_state.get_tensor_model_parallel_group()
     for _name, tensor, tmap, hf_names in bind_policy_tensors(policy, family, hf_config):
-        if not tmap.export:
-            continue
-        local = tensor.detach()
-        if tmap.kind is Kind.REPLICATED or tp_size == 1:
-            shards = [local] * (1 if tmap.kind is Kind.REPLICATED else tp_size)
-        else:
-            shards = [torch.empty_like(local) for _ in range(tp_size)]
-            torch.distributed.all_gather(shards, local.contiguous(), group=group)
-        if tp_rank != 0:
-            continue
-        for hf_name, full in zip(hf_names, to_hf_tensors(tmap.kind, shards, layout=layouts[tmap.layout])):
-            # A private contiguous copy: never a view of a parameter or of another exported tensor.
-            yield hf_name, full.to(device="cpu", dtype=dtype or full.dtype).clone(memory_format=torch.contiguous_format)
+        if tmap.export:
+            yield from _gathered_hf_tensors(tensor, tmap, hf_names, layouts, dtype)
+
+
+def stream_hf_tensors(ckpt_dir: str, meta: CheckpointMetadata) -> Iterator[Tuple[str, torch.Tensor]]:
+    """:func:`export_hf_tensors` of a checkpoint without building its policy: the policy stage is built on the
+    ``meta`` device and its tensors are loaded one decoder layer / vision block / other tensor at a time
+    (:func:`~megatron_rcpa.convert.streaming.load_in_groups`; collective over all ranks), each group turned into
+    HF tensors and dropped before the next. The dist checkpoint's ``.metadata`` is read through the allow-list."""
+    from megatron_rcpa.convert.hf_io import load_hf_config
+    from megatron_rcpa.convert.hf_to_megatron import bind_policy_tensors
+    from megatron_rcpa.convert.safe_metadata import restricted_metadata
+    from megatron_rcpa.convert.streaming import build_meta_policy, group_of, load_in_groups, progress_bar
+
+    family = family_by_name(meta.family)
+    hf_config = family.hf_config(load_hf_config(meta.hf_config))
+    policy = build_meta_policy(family, hf_config, params_dtype=meta.dtype, padded_vocab_size=meta.padded_vocab_size)
+    model_dir = os.path.join(ckpt_dir, MODEL_DIR)
+    check_dcp_metadata(model_dir)
+    layouts = family.layouts(hf_config, meta.padded_vocab_size)
+    bound = {name: (tmap, hf_names) for name, _t, tmap, hf_names in bind_policy_tensors(policy, family, hf_config)
+             if tmap.export}
+    bar = progress_bar(len(bound), "megatron -> HF")
+    with restricted_metadata():
+        for _group, loaded in load_in_groups(policy, model_dir, list(bound), group_of):
+            for name, tensor in loaded.items():
+                tmap, hf_names = bound[name]
+                yield from _gathered_hf_tensors(tensor, tmap, hf_names, layouts, None)
+                if bar is not None:
+                    bar.update(1)
+            del loaded
+    if bar is not None:
+        bar.close()
 
 
 def _export_rank(ckpt_dir: str, stage_dir: str, dtype_name: Optional[str],
                  max_shard_bytes: int) -> List[Dict[str, Any]]:
-    """Load the checkpoint at this grid; TP rank 0 of each stage writes its tensors in parts."""
-    policy, meta = build_policy_from_checkpoint(ckpt_dir)
-    return export_stage_parts(policy, meta, stage_dir, dtype_name, max_shard_bytes)
+    """This rank's part of an export: the checkpoint's tensors streamed group by group (no policy in memory);
+    TP rank 0 of each stage writes its tensors in parts."""
+    meta = read_metadata(ckpt_dir)
+    return write_stage_parts(stream_hf_tensors(ckpt_dir, meta), meta, stage_dir, dtype_name, max_shard_bytes)
 
 
 def export_stage_parts(policy: torch.nn.Module, meta: CheckpointMetadata, stage_dir: str,
                        dtype_name: Optional[str], max_shard_bytes: int) -> List[Dict[str, Any]]:
-    """Write this stage's HF tensors into ``stage_dir`` as ``stageSSS-partNNNNN.safetensors`` files of at most
-    ``max_shard_bytes`` each (a single larger tensor gets a part of its own); every TP rank calls (the TP
-    shards are gathered), the first TP rank writes. Streamed (:class:`_PartWriter`): each tensor's bytes go
-    to disk as soon as it is gathered, so the export holds one HF tensor besides the policy. Returns the parts
-    (file, names, bytes) written here.
+    """Write this stage's HF tensors (of a built ``policy``: a trainer's) into ``stage_dir`` as
+    ``stageSSS-partNNNNN.safetensors`` files of at most ``max_shard_bytes`` each (a single larger tensor gets a
+    part of its own); every TP rank calls (the TP shards are gathered), the first TP rank writes
+    (:func:`write_stage_parts`). Returns the parts (file, names, bytes) written here.
 
     Without ``dtype_name`` every tensor gets back the dtype it had in the original HF checkpoint."""
+    family = family_by_name(meta.family)
+    return write_stage_parts(export_hf_tensors(policy, family, meta.hf_config), meta, stage_dir, dtype_name,
+                             max_shard_bytes)
+
+
+def write_stage_parts(tensors: Iterator[Tuple[str, torch.Tensor]], meta: CheckpointMetadata, stage_dir: str,
+                      dtype_name: Optional[str], max_shard_bytes: int) -> List[Dict[str, Any]]:
+    """Write (HF name, tensor) pairs into ``stage_dir`` as ``stageSSS-partNNNNN.safetensors`` parts of at most
+    ``max_shard_bytes``. Streamed (:class:`_PartWriter`): each tensor's bytes go to disk as soon as it comes, so
+    this holds one HF tensor. Without ``dtype_name`` every tensor gets back the dtype it had in the original HF
+    checkpoint."""
     from megatron.core import parallel_state
 
-    family = family_by_name(meta.family)
     stage = parallel_state.get_pipeline_model_parallel_rank()
     default = parse_dtype(dtype_name or meta.source_dtype or meta.dtype)
     per_tensor = {} if dtype_name else {n: parse_dtype(d) for n, d in meta.hf_tensor_dtypes.items()}
     parts: List[Dict[str, Any]] = []
     writer: Optional[_PartWriter] = None
-    for hf_name, tensor in export_hf_tensors(policy, family, meta.hf_config):
+    for hf_name, tensor in tensors:
         tensor = tensor.to(per_tensor.get(hf_name, default))
         nbytes = tensor.numel() * tensor.element_size()
         if writer is not None and writer.size and writer.size + nbytes > max_shard_bytes:

@@ -262,19 +262,25 @@ def to_megatron_shard(kind: Kind, hf: Sequence[torch.Tensor], *, tp_rank: int, t
     raise AssertionError(kind)
 
 
+def _cat(shards: Sequence[torch.Tensor], dim: int) -> torch.Tensor:
+    """``torch.cat`` of the TP shards; one shard is returned as is (no copy of a whole vocabulary table)."""
+    return shards[0] if len(shards) == 1 else torch.cat(list(shards), dim=dim)
+
+
 def to_hf_tensors(kind: Kind, shards: Sequence[torch.Tensor], *, layout: LayerLayout) -> List[torch.Tensor]:
-    """The HF tensors (in the TensorMap's order) from the megatron TP shards (rank order)."""
+    """The HF tensors (in the TensorMap's order) from the megatron TP shards (rank order); with one shard they
+    may be views of it."""
     if kind is Kind.REPLICATED:
         return [shards[0]]
     if kind is Kind.COLUMN:
-        return [torch.cat(list(shards), dim=0)]
+        return [_cat(shards, 0)]
     if kind is Kind.ROW:
-        return [torch.cat(list(shards), dim=1)]
+        return [_cat(shards, 1)]
     if kind is Kind.VOCAB:
-        return [torch.cat(list(shards), dim=0)[: layout.vocab_size]]
+        return [_cat(shards, 0)[: layout.vocab_size]]
     if kind is Kind.QKV:
         nh, ng, hd = layout.num_attention_heads, layout.num_kv_heads, layout.head_dim
-        full = torch.cat(list(shards), dim=0)
+        full = _cat(shards, 0)
         rest = full.shape[1:]
         grouped = full.reshape(ng, (nh // ng + 2) * hd, *rest)
         q_rows = (nh // ng) * hd

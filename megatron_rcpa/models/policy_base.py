@@ -367,6 +367,7 @@ def build_decoder_policy(
     )
     if dtype != torch.float32:
         policy.cast_to(dtype)
-    if torch.cuda.is_available():
+    # a policy built on the meta device (the converters: shapes only) has nothing to move
+    if torch.cuda.is_available() and not any(p.is_meta for p in policy.parameters()):
         policy.cuda(torch.cuda.current_device())
     return policy

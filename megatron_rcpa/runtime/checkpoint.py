@@ -19,10 +19,11 @@ from typing import Any
 __all__ = ["save_sharded"]
 
 
-def save_sharded(sharded_state_dict: Any, directory: str) -> None:
+def save_sharded(sharded_state_dict: Any, directory: str, sharded_strategy: Any = None) -> None:
     """Write ``sharded_state_dict`` (megatron ``ShardedTensor``/``ShardedObject`` leaves) to ``directory``.
 
-    Collective over all ranks; returns when every file is written. ``directory`` must exist. Raises
+    Collective over all ranks; returns when every file is written. ``directory`` must exist. ``sharded_strategy``:
+    megatron's (None: its default ``torch_dist`` save). Raises
     RuntimeError, before any collective, when this process is daemonic (see the module docstring).
     """
     process = multiprocessing.current_process()
@@ -34,4 +35,4 @@ def save_sharded(sharded_state_dict: Any, directory: str) -> None:
             "or start your workers with daemon=False")
     from megatron.core import dist_checkpointing
 
-    dist_checkpointing.save(sharded_state_dict, directory)
+    dist_checkpointing.save(sharded_state_dict, directory, sharded_strategy=sharded_strategy)
