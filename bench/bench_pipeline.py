@@ -35,34 +35,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _policy(quick: bool):
-    from megatron_rcpa.models.qwen2_5_vl import build_qwen2_5_vl_policy
+    """bench_rollout's policy (N(0, 0.02) weights filled on the device); the quick one a little wider and deeper
+    than its default so that the stages have work to overlap."""
+    from bench_rollout import build_policy
 
-    if quick:
-        from megatron_rcpa.models.tiny import tiny_qwen2_5_vl_config
-
-        cfg = tiny_qwen2_5_vl_config(vocab_size=2048, hidden_size=256, num_layers=4, intermediate_size=768,
-                                     mrope_section=(8, 12, 12))
-        dtype = torch.float32
-    else:
-        from make_arch_checkpoint import PRESETS
-        from transformers import Qwen2_5_VLConfig
-
-        spec = PRESETS["1.5b"]
-        cfg = Qwen2_5_VLConfig(text_config=spec["text"], vision_config=spec["vision"], image_token_id=151655,
-                               video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
-                               tie_word_embeddings=spec["text"]["tie_word_embeddings"])
-        dtype = torch.bfloat16
-    policy = build_qwen2_5_vl_policy(cfg, params_dtype=dtype, perform_initialization=False)
-    gen = torch.Generator(device=next(policy.parameters()).device).manual_seed(0)
-    with torch.no_grad():
-        for name, p in policy.language_model.named_parameters():
-            if "norm" in name:
-                p.fill_(1.0)
-            elif name.endswith("bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    return policy.eval()
+    return build_policy(quick, vocab_size=2048, hidden_size=256, num_layers=4, intermediate_size=768,
+                        mrope_section=(8, 12, 12))
 
 
 def worker(quick: bool, batch: int, prompt: int, steps: int, micro_settings, repeats: int, reference: bool):

@@ -77,15 +77,16 @@ def copy_bandwidth():
     return 2 * n * 20 / (start.elapsed_time(end) * 1e-3)
 
 
-def build_policy(quick: bool):
+def build_policy(quick: bool, **tiny_overrides):
     """The Qwen2.5-VL policy, built without megatron's (CPU) initialisation and filled on the device:
-    N(0, 0.02) weights, unit norms, zero biases (random weights decode at the same speed)."""
+    N(0, 0.02) weights, unit norms, zero biases (random weights decode at the same speed). ``tiny_overrides``
+    go to ``tiny_qwen2_5_vl_config`` (quick runs only)."""
     from megatron_rcpa.models.qwen2_5_vl import build_qwen2_5_vl_policy
 
     if quick:
         from megatron_rcpa.models.tiny import tiny_qwen2_5_vl_config
 
-        cfg, dtype = tiny_qwen2_5_vl_config(), torch.float32
+        cfg, dtype = tiny_qwen2_5_vl_config(**tiny_overrides), torch.float32
     else:
         from make_arch_checkpoint import PRESETS  # bench/ is on sys.path (this script's folder)
         from transformers import Qwen2_5_VLConfig

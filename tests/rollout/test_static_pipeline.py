@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_static_decode import _prompts  # the same three prompts as at PP = 1
 
 pytestmark = [pytest.mark.megatron, pytest.mark.multiproc]
 
@@ -68,29 +69,6 @@ def _build(family):
         init_global_weights(policy.vision_model, seed=4, std=0.05)
         init_global_weights(policy.vision_projection, seed=5, std=0.05)
     return policy.eval()
-
-
-def _prompts(family, policy):
-    from megatron_rcpa.rollout.engine import PromptInput
-
-    gen = torch.Generator().manual_seed(11)
-    text = lambda n: torch.randint(100, 250, (n,), generator=gen).tolist()  # noqa: E731
-    prompts = []
-    for i, n in enumerate((5, 9, 7)):
-        ref = text(6)
-        if family == "qwen2_5_vl":
-            img = policy.image_token_id
-            grid = torch.tensor([[1, 4, 4 + 2 * (i % 2)]])
-            ids = text(n) + [img - 2] + [img] * (int(grid.prod()) // 4) + [img - 1] + text(2)
-            pv = torch.randn(int(grid.prod()), 3 * 2 * 14 * 14, generator=gen)
-            prompts.append(PromptInput(key=i, prompt_ids=ids, pixel_values=pv, image_grid_thw=grid, reference_ids=ref))
-        elif family == "llava":
-            ids = text(n) + [policy.image_token_id] * policy.vision_dims.tokens_per_image + text(2)
-            pv = torch.randn(1, 3, 28, 28, generator=gen)
-            prompts.append(PromptInput(key=i, prompt_ids=ids, pixel_values=pv, reference_ids=ref))
-        else:
-            prompts.append(PromptInput(key=i, prompt_ids=text(n), reference_ids=ref))
-    return prompts
 
 
 class _VocabParallelEngine:  # marker mix-in: the engine reads these attributes
