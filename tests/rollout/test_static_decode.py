@@ -42,33 +42,39 @@ def _perturb(policy, seed):
                 p.copy_(0.05 * torch.randn(p.shape, generator=gen))
 
 
-def _build(family):
-    """A tiny random policy of ``family`` at the current TP layout (megatron's init is TP-invariant)."""
-    torch.manual_seed(0)
-    from megatron.core import tensor_parallel
-
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
+def _family_policy(family, num_layers=None):
+    """A tiny policy of ``family`` at the current TP/PP layout (megatron's own init; ``num_layers`` decoder layers,
+    default: the tiny configs' 2)."""
+    layers = {} if num_layers is None else {"num_layers": num_layers}
     if family in ("llama", "qwen2"):
         import transformers
 
         from megatron_rcpa.models.text_lm import build_text_policy
 
         cls = transformers.LlamaConfig if family == "llama" else transformers.Qwen2Config
-        cfg = cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        cfg = cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers or 2,
                   num_attention_heads=4, num_key_value_heads=2 if family == "llama" else 1,
                   max_position_embeddings=256, tie_word_embeddings=family == "qwen2",
                   rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-        policy = build_text_policy(cfg)
-    elif family == "qwen2_5_vl":
+        return build_text_policy(cfg)
+    if family == "qwen2_5_vl":
         from megatron_rcpa.models.qwen2_5_vl import build_qwen2_5_vl_policy
         from megatron_rcpa.models.tiny import tiny_qwen2_5_vl_config
 
-        policy = build_qwen2_5_vl_policy(tiny_qwen2_5_vl_config(vocab_size=VOCAB))
-    else:
-        from megatron_rcpa.models.llava import build_llava_policy
-        from megatron_rcpa.models.tiny import tiny_llava_config
+        return build_qwen2_5_vl_policy(tiny_qwen2_5_vl_config(vocab_size=VOCAB, **layers))
+    from megatron_rcpa.models.llava import build_llava_policy
+    from megatron_rcpa.models.tiny import tiny_llava_config
 
-        policy = build_llava_policy(tiny_llava_config(vocab_size=VOCAB))
+    return build_llava_policy(tiny_llava_config(vocab_size=VOCAB, **layers))
+
+
+def _build(family):
+    """A tiny random policy of ``family`` at the current TP layout (megatron's init is TP-invariant)."""
+    torch.manual_seed(0)
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    policy = _family_policy(family)
     _perturb(policy, seed=1)
     return policy.eval()
 

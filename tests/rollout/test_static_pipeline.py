@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_static_decode import _prompts  # the same three prompts as at PP = 1
+from test_static_decode import _family_policy, _prompts  # the same models and prompts as at PP = 1
 
 pytestmark = [pytest.mark.megatron, pytest.mark.multiproc]
 
@@ -41,27 +41,7 @@ def _build(family):
     """A tiny policy (4 decoder layers) with weights that depend only on the global parameter names."""
     from megatron_rcpa.runtime.weights import init_global_weights, init_replicated_by_name
 
-    if family in ("llama", "qwen2"):
-        import transformers
-
-        from megatron_rcpa.models.text_lm import build_text_policy
-
-        cls = transformers.LlamaConfig if family == "llama" else transformers.Qwen2Config
-        cfg = cls(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2 if family == "llama" else 1,
-                  max_position_embeddings=256, tie_word_embeddings=family == "qwen2",
-                  rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
-        policy = build_text_policy(cfg)
-    elif family == "qwen2_5_vl":
-        from megatron_rcpa.models.qwen2_5_vl import build_qwen2_5_vl_policy
-        from megatron_rcpa.models.tiny import tiny_qwen2_5_vl_config
-
-        policy = build_qwen2_5_vl_policy(tiny_qwen2_5_vl_config(vocab_size=VOCAB, num_layers=4))
-    else:
-        from megatron_rcpa.models.llava import build_llava_policy
-        from megatron_rcpa.models.tiny import tiny_llava_config
-
-        policy = build_llava_policy(tiny_llava_config(vocab_size=VOCAB, num_layers=4))
+    policy = _family_policy(family, num_layers=4)
     init_global_weights(policy.language_model, seed=3, std=0.08)
     if family == "qwen2_5_vl" and policy.vision_model is not None:
         init_replicated_by_name(policy.vision_model, seed=4, std=0.05)
