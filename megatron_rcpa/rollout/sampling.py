@@ -50,19 +50,18 @@ def sample_next_tokens(
     generator: Optional[torch.Generator] = None,
     tp_group=None,
     vocab_size: Optional[int] = None,
-    noise_rows: Optional[int] = None,
-    row_ids: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row from ``logits`` ``[B, V_local]`` (vocab-parallel when ``tp_group`` is given).
 
     Returns ``(tokens [B] int64, logp [B] float32)`` with logp = log softmax(logits / T)[token] over the
     real vocabulary (``vocab_size`` drops Megatron's padded columns).
 
-    ``noise_rows`` / ``row_ids`` (together): the rows are a subset of a batch of ``noise_rows`` rows, row ``r``
-    being row ``row_ids[r]`` of it (the static decoder after dropping finished rows). The draw is then the one
-    ``torch.multinomial`` makes for the whole batch (for one sample it draws ``E ~ Exp(1)`` of the probabilities'
-    shape and returns ``argmax(p / E)``), of which each row reads its own row of ``E``: tokens and the
-    generator's state are those of sampling the full batch, whichever rows are still present.
+    ``noise``: optional ``[B, vocab]`` exponential draws ``E`` (:func:`draw_exponentials`) used instead of
+    ``torch.multinomial``, which for one sample draws ``E ~ Exp(1)`` of the probabilities' shape and returns
+    ``argmax(p / E)``. The static decoder draws a whole chunk's ``E`` once per step and hands each row its own
+    row of it (after dropping finished rows, and per pipeline micro-batch): tokens and the generator's state
+    are then those of sampling the full batch, whichever rows are present.
     """
     if logits.dim() != 2:
         raise ValueError(f"sample_next_tokens: logits must be [B, V_local], got shape {tuple(logits.shape)}")
@@ -78,16 +77,22 @@ def sample_next_tokens(
         tokens = logprobs.argmax(dim=-1)
     else:
         probs = top_p_filter(logprobs, top_p).exp()
-        if row_ids is None:
+        if noise is None:
             # multinomial draws on the CPU generator's device; keep generator and probs on one device
             tokens = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         else:
-            if noise_rows is None:
-                raise ValueError("sample_next_tokens: row_ids needs noise_rows (the full batch's row count)")
-            noise = torch.empty((int(noise_rows), probs.shape[-1]), dtype=probs.dtype, device=probs.device)
-            noise.exponential_(generator=generator)
-            tokens = (probs / noise.index_select(0, row_ids)).argmax(dim=-1)
+            if tuple(noise.shape) != tuple(probs.shape):
+                raise ValueError(f"sample_next_tokens: noise has shape {tuple(noise.shape)}, expected "
+                                 f"{tuple(probs.shape)}")
+            tokens = (probs / noise).argmax(dim=-1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)
+
+
+def draw_exponentials(rows: int, vocab_size: int, generator: Optional[torch.Generator], device) -> torch.Tensor:
+    """``[rows, vocab_size]`` fp32 ``Exp(1)`` draws: those ``torch.multinomial`` makes for one sample of a
+    ``[rows, vocab_size]`` fp32 batch (the ``noise`` of :func:`sample_next_tokens` and of
+    :func:`~megatron_rcpa.rollout.vocab_parallel_sampling.sample_vocab_parallel`)."""
+    return torch.empty(rows, vocab_size, device=device, dtype=torch.float32).exponential_(generator=generator)
 
 
 @dataclass

@@ -89,7 +89,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .sampling import sample_next_tokens
+from .sampling import draw_exponentials, sample_next_tokens
 
 __all__ = ["LENGTH_BUCKET", "MAX_GRAPHS", "StaticDecoder", "batch_buckets", "decoder_for", "shared_image_embed",
            "static_generate", "static_generate_rows"]
@@ -573,23 +573,30 @@ class _Sampler:
         self.key = (self.vocab_size, self.temperature, self.top_p, self.greedy, tuple(banned),
                     tuple(self.eos.tolist()), self.pad_id, self.sharded)
 
-    def sample(self, logits: torch.Tensor, row_ids: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    def draw(self) -> Optional[torch.Tensor]:
+        """[batch, vocab_size] exponentials of one step for the whole chunk (None when greedy: nothing drawn)."""
+        if self.greedy:
+            return None
+        return draw_exponentials(self.rows, self.vocab_size, self.generator, self.banned.device)
+
+    def sample(self, logits: torch.Tensor, noise: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Tokens and log-probs of the rows of ``logits``; ``noise``: those rows' rows of :meth:`draw`."""
         if self.sharded:
             from .vocab_parallel_sampling import sample_vocab_parallel
 
             return sample_vocab_parallel(logits, vocab_start=self.vocab_start, vocab_size=self.vocab_size,
-                                         temperature=self.temperature, greedy=self.greedy, generator=self.generator,
+                                         temperature=self.temperature, greedy=self.greedy, generator=None,
                                          masked=self.local_banned if self.any_banned else None,
-                                         tp_group=self.tp_group, noise_rows=self.rows, row_ids=row_ids)
+                                         tp_group=self.tp_group, noise=noise)
         if self.any_banned:
             logits = logits.masked_fill(self.banned, float("-inf"))
         if self.greedy:
             return sample_next_tokens(logits, temperature=1.0, greedy=True)
-        return sample_next_tokens(logits, temperature=self.temperature, top_p=self.top_p, generator=self.generator,
-                                  noise_rows=self.rows, row_ids=row_ids)
+        return sample_next_tokens(logits, temperature=self.temperature, top_p=self.top_p, noise=noise)
 
     def sample_and_record(self, state: _State, logits: torch.Tensor) -> None:
-        tok, lp = self.sample(logits, state.row_id)
+        noise = self.draw()
+        tok, lp = self.sample(logits, None if noise is None else noise.index_select(0, state.row_id))
         live = ~state.done
         # rows still going record at column t of their original row; finished ones write the overflow column
         col = torch.where(live, state.t, state.max_new)

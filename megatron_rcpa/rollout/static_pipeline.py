@@ -60,7 +60,6 @@ from typing import Callable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .sampling import sample_next_tokens, top_p_filter
 from .static_decode import LENGTH_BUCKET, StaticDecoder, _host_check, _round_up, _Sampler
 
 __all__ = ["pipeline_generate", "pipeline_generate_rows", "stage_decoder_for"]
@@ -103,38 +102,11 @@ class _Record:
 
 
 class _StageSampler:
-    """The PP = 1 sampler's processing (``_Sampler``) with a step's draws made once for all micro-batches."""
+    """The PP = 1 sampler (``_Sampler``: a step's draws made once for the whole chunk, each micro-batch reading
+    its rows' slice) with the last stage's per-micro-batch bookkeeping."""
 
-    def __init__(self, base: _Sampler, batch: int, device) -> None:
+    def __init__(self, base: _Sampler) -> None:
         self.base = base
-        self.batch = batch
-        self.device = device
-
-    def draw(self) -> Optional[torch.Tensor]:
-        """[B, vocab_size] exponentials of one step (None when greedy: nothing is drawn)."""
-        if self.base.greedy:
-            return None
-        return torch.empty(self.batch, self.base.vocab_size, device=self.device, dtype=torch.float32).exponential_(
-            generator=self.base.generator)
-
-    def sample(self, logits: torch.Tensor, noise: Optional[torch.Tensor]):
-        s = self.base
-        if s.sharded:
-            from .vocab_parallel_sampling import sample_vocab_parallel
-
-            return sample_vocab_parallel(logits, vocab_start=s.vocab_start, vocab_size=s.vocab_size,
-                                         temperature=s.temperature, greedy=s.greedy, generator=None,
-                                         masked=s.local_banned if s.any_banned else None, tp_group=s.tp_group,
-                                         noise=noise)
-        if s.any_banned:
-            logits = logits.masked_fill(s.banned, float("-inf"))
-        if s.greedy:
-            return sample_next_tokens(logits, temperature=1.0, greedy=True)
-        # sample_next_tokens' processing; multinomial(probs, 1) == argmax(probs / E) for its draws E
-        logprobs = torch.log_softmax(logits.float() / s.temperature, dim=-1)
-        probs = top_p_filter(logprobs, s.top_p).exp()
-        tok = (probs / noise).argmax(dim=-1)
-        return tok, logprobs.gather(-1, tok[:, None]).squeeze(-1)
 
     def record(self, rec: _Record, rows: slice, t: int, tok: torch.Tensor, lp: torch.Tensor) -> None:
         """``_Sampler.sample_and_record`` on the rows of one micro-batch at step ``t``."""
@@ -338,7 +310,7 @@ class _Pipeline:
         self.busy += self._tick() - start
         self.sampler = self.rec = None
         if dec.last:
-            self.sampler = _StageSampler(base, self.batch, self.device)
+            self.sampler = _StageSampler(base)
             self.rec = _Record(self.batch, self.max_new, self.device)
             self.gen = base.generator
             self.stop_check, self.checked, self.after = stop_check, [0] * self.batch, {}
@@ -434,10 +406,10 @@ class _Pipeline:
         dec, s, rec, r = self.dec, self.sampler, self.rec, self.rows[m]
         logits = dec._logits(last_hidden, s.base.vocab_size, gather=not s.base.sharded)
         if m == 0:
-            self.noise = s.draw()
+            self.noise = s.base.draw()
             if self.gen is not None:
                 self.after[t] = self.gen.get_state()
-        tok, lp = s.sample(logits, None if self.noise is None else self.noise[r])
+        tok, lp = s.base.sample(logits, None if self.noise is None else self.noise[r])
         s.record(rec, r, t, tok, lp)
         stopped = False
         if m == self.micro - 1 and ((t + 1) % self.every == 0 or t + 1 == self.max_new):

@@ -20,13 +20,14 @@ from typing import Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .sampling import draw_exponentials
+
 __all__ = ["sample_vocab_parallel"]
 
 
 def sample_vocab_parallel(local: torch.Tensor, *, vocab_start: int, vocab_size: int, temperature: float = 1.0,
                           greedy: bool = False, generator: Optional[torch.Generator] = None,
-                          masked: Optional[torch.Tensor] = None, tp_group=None, noise_rows: Optional[int] = None,
-                          row_ids: Optional[torch.Tensor] = None,
+                          masked: Optional[torch.Tensor] = None, tp_group=None,
                           noise: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """One token per row from this rank's logits shard.
 
@@ -37,12 +38,10 @@ def sample_vocab_parallel(local: torch.Tensor, *, vocab_start: int, vocab_size: 
         temperature / greedy / generator: as in ``sample_next_tokens`` (the generator must be seeded alike on
             every TP rank).
         tp_group: the TP group (None: one rank holds the whole vocabulary).
-        noise_rows / row_ids: the rows are rows ``row_ids`` of a batch of ``noise_rows`` (finished rows dropped):
-            the exponentials are drawn for the whole batch and each row reads its own (as
-            :func:`~megatron_rcpa.rollout.sampling.sample_next_tokens` does).
-        noise: optional [B, vocab_size] fp32 exponential draws to use instead of drawing them from
-            ``generator`` (the pipeline-parallel decode draws a whole step's noise once and samples its
-            micro-batches from row slices of it, so the tokens equal an unsplit batch's).
+        noise: optional [B, vocab_size] fp32 exponential draws (:func:`~.sampling.draw_exponentials`) to use
+            instead of drawing them from ``generator``: the static decoder draws a whole chunk's once per step and
+            hands each row its own row (after dropping finished rows, per pipeline micro-batch), so the tokens
+            equal an unsplit batch's.
 
     Returns:
         ``(tokens [B] int64, logp [B] float32)``, logp = log softmax(logits / T)[token] over the allowed entries.
@@ -71,15 +70,7 @@ def sample_vocab_parallel(local: torch.Tensor, *, vocab_start: int, vocab_size: 
         key = scaled
     else:
         if noise is None:
-            if row_ids is not None and noise_rows is None:
-                raise ValueError("sample_vocab_parallel: row_ids needs noise_rows (the full batch's row count)")
-            rows = b if row_ids is None else int(noise_rows)
-            noise = torch.empty(rows, vocab_size, device=local.device, dtype=torch.float32)
-            noise.exponential_(generator=generator)
-            if row_ids is not None:
-                noise = noise.index_select(0, row_ids)
-        elif row_ids is not None or noise_rows is not None:
-            raise ValueError("sample_vocab_parallel: pass either noise (pre-drawn) or noise_rows / row_ids, not both")
+            noise = draw_exponentials(b, vocab_size, generator, local.device)
         elif tuple(noise.shape) != (b, vocab_size):
             raise ValueError(f"sample_vocab_parallel: noise has shape {tuple(noise.shape)}, expected {(b, vocab_size)}")
         lo, hi = min(max(vocab_start, 0), vocab_size), min(vocab_start + width, vocab_size)

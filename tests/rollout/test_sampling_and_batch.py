@@ -8,7 +8,7 @@ import torch
 
 from megatron_rcpa.algo import LossConfig, rcpa_loss
 from megatron_rcpa.rollout.batch import Rollout, pack_rollouts
-from megatron_rcpa.rollout.sampling import StopChecker, sample_next_tokens, top_p_filter
+from megatron_rcpa.rollout.sampling import StopChecker, draw_exponentials, sample_next_tokens, top_p_filter
 
 
 def test_pack_puts_prefix_and_generation_on_their_targets():
@@ -87,16 +87,17 @@ def test_stop_checker():
 
 @pytest.mark.parametrize("top_p", [1.0, 0.7])
 def test_a_subset_of_rows_draws_what_the_whole_batch_draws(top_p):
-    """noise_rows / row_ids (the static decoder after compaction): the rows left draw the tokens the whole
-    batch's torch.multinomial draws for them, and the generator ends in the same state."""
+    """noise (the static decoder after compaction: the whole chunk's draw_exponentials, each row reading its own
+    row): the rows left draw the tokens the whole batch's torch.multinomial draws for them, and the generator
+    ends in the same state."""
     logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(1)) * 3
     rows = torch.tensor([4, 1, 5])
     for seed in range(20):
         g_full, g_sub = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
         tok, lp = sample_next_tokens(logits, temperature=0.9, top_p=top_p, generator=g_full)
-        sub, sub_lp = sample_next_tokens(logits[rows], temperature=0.9, top_p=top_p, generator=g_sub, noise_rows=6,
-                                         row_ids=rows)
+        noise = draw_exponentials(6, 50, g_sub, logits.device).index_select(0, rows)
+        sub, sub_lp = sample_next_tokens(logits[rows], temperature=0.9, top_p=top_p, noise=noise)
         assert torch.equal(sub, tok[rows]) and torch.equal(sub_lp, lp[rows])
         assert torch.equal(g_full.get_state(), g_sub.get_state())
-    with pytest.raises(ValueError, match="row_ids needs noise_rows"):
-        sample_next_tokens(logits[rows], generator=g_sub, row_ids=rows)
+    with pytest.raises(ValueError, match=r"noise has shape \(6, 50\), expected \(3, 50\)"):
+        sample_next_tokens(logits[rows], noise=draw_exponentials(6, 50, g_sub, logits.device))
