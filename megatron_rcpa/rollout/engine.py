@@ -103,8 +103,8 @@ class RolloutEngine:
         if max_rows == "auto":
             from .budget import cache_length, rows_for_budget
 
-            length = cache_length(max(widths, default=1), self.params.max_new_tokens,
-                                  "static" if self.decode == "static" and self.groups.pp_size == 1 else "reference")
+            # the static paths (static_decode at PP = 1, static_pipeline at PP > 1) both round the cache up
+            length = cache_length(max(widths, default=1), self.params.max_new_tokens, self.decode)
             mp = self.groups.mp_group if self.groups.tp_size * self.groups.pp_size > 1 else None
             budget, how = self.kv_budget
             max_rows = rows_for_budget(self.policy, length, budget, mp)

@@ -40,6 +40,16 @@ def budget_worker():
     per_row = out["per_row"]
     # 5.5 rows of budget: 5 rows, 4 in whole groups of 2; widths up to 15 (+10 new) -> one 64-position bucket
     out["chunk"] = engine(kv_cache_gb=5.5 * per_row / GB).chunk_rows([9, 15, 3], 2)
+    # at PP > 1 the static path (rollout/static_pipeline.py) allocates the same rounded-up cache: the same chunk
+    real = engine().groups
+
+    class AsPP2:  # this rank's groups, seen as one stage of a two-stage pipeline (chunk sizing only)
+        pp_size = 2
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    out["pp_chunk"] = engine(kv_cache_gb=5.5 * per_row / GB, groups=AsPP2()).chunk_rows([9, 15, 3], 2)
     # a longer prompt needs a longer cache: fewer rows from the same budget
     long_len = cache_length(100, 10)
     out["long"] = (long_len, engine(kv_cache_gb=5.5 * per_row / GB).chunk_rows([100], 1))
@@ -68,7 +78,7 @@ def budget_worker():
 def _check(res):
     assert res["per_row"] == res["formula"] == res["allocated_per_row"]
     assert res["length"] == res["bucket"]  # 15 + 10 rounded up to the cache bucket
-    assert res["chunk"] == 4
+    assert res["chunk"] == 4 and res["pp_chunk"] == 4
     long_len, long_rows = res["long"]
     assert long_rows == int(5.5 * res["length"] // long_len) and long_rows < 5
     assert res["too_small"] is not None and "rollout.kv_cache_gb" in res["too_small"] and \
